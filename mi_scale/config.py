@@ -34,6 +34,7 @@ def _check(cond: bool, path: str, value: Any, hint: str) -> None:
 @dataclass
 class RunConfig:
     name: str = "mnist1d-mlp"
+    group: Optional[str] = None  # experiment arm; report and wandb group runs by it
     seed: int = 0
     output_dir: str = "runs"
 

@@ -1,0 +1,297 @@
+"""Mutual-information estimators behind one registry.
+
+    est = build(name, **kwargs)     # a torch.nn.Module
+    value = est(x_NK, y_NK)         # 0-dim float32 tensor
+
+Shape legend: N rows (samples x sampled tokens), K sketch dims, M critic
+embedding dims.
+
+All differentiable estimators compute internally in float64 (the inputs are
+small sketches, so this is cheap) and stay finite, with finite gradients, on
+degenerate input: constant columns, rank-deficient batches, N < K, duplicated
+rows, bf16 input.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+_EPS = 1e-8
+
+
+class EstimatorError(ValueError):
+    pass
+
+
+def _standardize(x_NK: torch.Tensor) -> torch.Tensor:
+    """Zero-mean, unit-variance columns; constant columns become exactly 0."""
+    x_NK = x_NK - x_NK.mean(0, keepdim=True)
+    var_K = x_NK.pow(2).mean(0, keepdim=True)
+    return x_NK * torch.rsqrt(var_K + _EPS)
+
+
+def _check_pair(x_NK: torch.Tensor, y_NK: torch.Tensor) -> None:
+    if x_NK.dim() != 2 or y_NK.dim() != 2:
+        raise EstimatorError(f"estimators take 2-D (N, K) inputs, got {tuple(x_NK.shape)} and {tuple(y_NK.shape)}")
+    if x_NK.shape[0] != y_NK.shape[0]:
+        raise EstimatorError(f"x and y need the same number of rows, got {x_NK.shape[0]} and {y_NK.shape[0]}")
+    if x_NK.shape[0] < 2:
+        raise EstimatorError(f"need at least 2 rows to estimate MI, got {x_NK.shape[0]}")
+
+
+def _gaussian_logdet_bias(d: int, n: int) -> float:
+    """E[log det S] - log det Sigma for the sample covariance S of n Gaussian
+    rows in d dims (Wishart with n-1 dof). Defined when n - 1 > d - 1."""
+    if n - d < 1:
+        return 0.0
+    dof = n - 1
+    return d * math.log(2.0 / dof) + sum(torch.special.digamma(torch.tensor((dof - i) / 2.0, dtype=torch.float64)).item()
+                                         for i in range(d))
+
+
+class GaussianMI(nn.Module):
+    """I = 1/2 (logdet Sx + logdet Sy - logdet Sxy) on standardized inputs.
+
+    Exact for jointly Gaussian data; a lower bound-like proxy otherwise
+    (the Gaussian with the same covariance has the least MI). `shrinkage`
+    pulls the correlation matrix toward identity so the log-dets stay finite
+    when N <= K or columns are constant. `bias_correction` removes the
+    Wishart small-sample bias of each log-det (a constant, so gradients are
+    unaffected); it switches off when N <= dx + dy.
+    """
+
+    differentiable = True
+    unit = "nats"
+
+    def __init__(self, shrinkage: float = 1e-8, bias_correction: bool = True):
+        super().__init__()
+        if not 0.0 < shrinkage < 1.0:
+            raise EstimatorError(f"gaussian: shrinkage must be in (0, 1), got {shrinkage!r}")
+        self.shrinkage = shrinkage
+        self.bias_correction = bias_correction
+
+    def forward(self, x_NK: torch.Tensor, y_NK: torch.Tensor) -> torch.Tensor:
+        _check_pair(x_NK, y_NK)
+        n, dx, dy = x_NK.shape[0], x_NK.shape[1], y_NK.shape[1]
+        z_ND = _standardize(torch.cat([x_NK, y_NK], 1).to(torch.float64))
+        corr_DD = z_ND.T @ z_ND / n
+        eye = torch.eye(dx + dy, dtype=corr_DD.dtype, device=corr_DD.device)
+        corr_DD = (1 - self.shrinkage) * corr_DD + self.shrinkage * eye
+        mi = 0.5 * (_logdet_spd(corr_DD[:dx, :dx]) + _logdet_spd(corr_DD[dx:, dx:]) - _logdet_spd(corr_DD))
+        if self.bias_correction and n > dx + dy + 1:
+            mi = mi - 0.5 * (_gaussian_logdet_bias(dx, n) + _gaussian_logdet_bias(dy, n)
+                             - _gaussian_logdet_bias(dx + dy, n))
+        return mi.to(torch.float32)
+
+
+def _logdet_spd(a_DD: torch.Tensor) -> torch.Tensor:
+    chol, info = torch.linalg.cholesky_ex(a_DD)
+    if int(info) != 0:  # numerically indefinite: fall back to the symmetric eigen-solver
+        return torch.linalg.eigvalsh(a_DD).clamp_min(1e-12).log().sum()
+    return 2.0 * torch.diagonal(chol).log().sum()
+
+
+def _gaussian_gram(z_NK: torch.Tensor, bandwidth: float | None) -> torch.Tensor:
+    """Gaussian kernel Gram matrix; bandwidth by the median heuristic (detached)."""
+    sq_NN = torch.cdist(z_NK, z_NK).pow(2)
+    if bandwidth is None:
+        off = sq_NN.detach()[~torch.eye(len(z_NK), dtype=torch.bool, device=z_NK.device)]
+        sigma2 = off.median().clamp_min(1e-6) if off.numel() else torch.tensor(1.0, dtype=z_NK.dtype)
+    else:
+        sigma2 = torch.tensor(bandwidth ** 2, dtype=z_NK.dtype, device=z_NK.device)
+    return torch.exp(-sq_NN / (2 * sigma2))
+
+
+class Renyi2MI(nn.Module):
+    """Matrix-based Renyi alpha=2 MI (Sanchez Giraldo et al. 2015).
+
+    S2(A) = -log tr(A^2) = -log ||A||_F^2 for a unit-trace Gram matrix A, and
+    I = S2(Ax) + S2(Ay) - S2(Ax o Ay / tr(Ax o Ay)). No eigendecomposition is
+    needed for alpha=2. O(N^2) memory in the number of rows.
+    """
+
+    differentiable = True
+    unit = "nats (Renyi-2)"
+
+    def __init__(self, bandwidth: float | None = None):
+        super().__init__()
+        self.bandwidth = bandwidth
+
+    @staticmethod
+    def _s2(a_NN: torch.Tensor) -> torch.Tensor:
+        a_NN = a_NN / torch.diagonal(a_NN).sum()
+        return -torch.log(a_NN.pow(2).sum())
+
+    def forward(self, x_NK: torch.Tensor, y_NK: torch.Tensor) -> torch.Tensor:
+        _check_pair(x_NK, y_NK)
+        kx = _gaussian_gram(_standardize(x_NK.to(torch.float64)), self.bandwidth)
+        ky = _gaussian_gram(_standardize(y_NK.to(torch.float64)), self.bandwidth)
+        return (self._s2(kx) + self._s2(ky) - self._s2(kx * ky)).to(torch.float32)
+
+
+def _double_center(k_NN: torch.Tensor) -> torch.Tensor:
+    """H K H with H = I - 11^T/N, in O(N^2) instead of two N^3 matmuls."""
+    return k_NN - k_NN.mean(0, keepdim=True) - k_NN.mean(1, keepdim=True) + k_NN.mean()
+
+
+class HSICDependence(nn.Module):
+    """Normalized HSIC (CKA) in [0, 1]: a dependence proxy, NOT MI in nats.
+
+    kernel="gaussian" (median heuristic) sees nonlinear dependence;
+    kernel="linear" is O(N K^2) and cheap for large N.
+    """
+
+    differentiable = True
+    unit = "cka (not nats)"
+
+    def __init__(self, kernel: str = "gaussian", bandwidth: float | None = None):
+        super().__init__()
+        if kernel not in ("gaussian", "linear"):
+            raise EstimatorError(f"hsic: kernel must be 'gaussian' or 'linear', got {kernel!r}")
+        self.kernel = kernel
+        self.bandwidth = bandwidth
+
+    def forward(self, x_NK: torch.Tensor, y_NK: torch.Tensor) -> torch.Tensor:
+        _check_pair(x_NK, y_NK)
+        x = _standardize(x_NK.to(torch.float64))
+        y = _standardize(y_NK.to(torch.float64))
+        if self.kernel == "linear":
+            # ||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F) on centered features.
+            xy = (y.T @ x).pow(2).sum()
+            xx = (x.T @ x).pow(2).sum()
+            yy = (y.T @ y).pow(2).sum()
+        else:
+            kx = _double_center(_gaussian_gram(x, self.bandwidth))
+            ky = _double_center(_gaussian_gram(y, self.bandwidth))
+            xy, xx, yy = (kx * ky).sum(), kx.pow(2).sum(), ky.pow(2).sum()
+        return (xy / torch.sqrt(xx * yy + _EPS)).to(torch.float32)
+
+
+class _CriticTower(nn.Module):
+    """One side of the separable critic: a linear map plus an MLP residual.
+
+    The linear path learns the bilinear x^T A y part of the optimal critic
+    for Gaussian-like data quickly; the MLP captures what is left."""
+
+    def __init__(self, d: int, hidden: int, embed: int):
+        super().__init__()
+        self.linear = nn.Linear(d, embed)
+        self.mlp = nn.Sequential(nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, embed))
+
+    def forward(self, x_NK: torch.Tensor) -> torch.Tensor:
+        return self.linear(x_NK) + self.mlp(x_NK)
+
+
+class InfoNCE(nn.Module):
+    """InfoNCE lower bound with a separable critic f(x, y) = g(x) . h(y).
+
+    I >= mean_i [f(x_i, y_i) - logsumexp_j f(x_i, y_j)] + log N, so the value
+    is bounded by log N (N = rows of the gathered global batch). The critic's
+    parameters train with the model (the estimate is maximized over them);
+    `fit()` trains it standalone for validation.
+    """
+
+    differentiable = True
+    unit = "nats (lower bound, <= log N)"
+
+    def __init__(self, x_dim: int, y_dim: int | None = None, hidden: int = 64, embed: int = 32):
+        super().__init__()
+        y_dim = x_dim if y_dim is None else y_dim
+
+        self.g = _CriticTower(x_dim, hidden, embed)
+        self.h = _CriticTower(y_dim, hidden, embed)
+        self.x_dim, self.y_dim = x_dim, y_dim
+
+    def forward(self, x_NK: torch.Tensor, y_NK: torch.Tensor) -> torch.Tensor:
+        _check_pair(x_NK, y_NK)
+        if x_NK.shape[1] != self.x_dim or y_NK.shape[1] != self.y_dim:
+            raise EstimatorError(f"infonce critic was built for dims ({self.x_dim}, {self.y_dim}), "
+                                 f"got ({x_NK.shape[1]}, {y_NK.shape[1]})")
+        w = self.g.linear.weight
+        x = _standardize(x_NK.to(w.dtype))
+        y = _standardize(y_NK.to(w.dtype))
+        scores_NN = self.g(x) @ self.h(y).T
+        n = scores_NN.shape[0]
+        nce = torch.diagonal(scores_NN).mean() - torch.logsumexp(scores_NN, dim=1).mean() + math.log(n)
+        return nce.to(torch.float32)
+
+    def fit(self, x_NK: torch.Tensor, y_NK: torch.Tensor, steps: int = 300, lr: float = 1e-3,
+            batch: int | None = None, seed: int = 0) -> "InfoNCE":
+        """Train the critic alone on (x, y) to tighten the bound."""
+        opt = torch.optim.Adam(self.parameters(), lr=lr)
+        gen = torch.Generator().manual_seed(seed)
+        n = len(x_NK)
+        for _ in range(steps):
+            idx = torch.randperm(n, generator=gen)[: batch or n]
+            loss = -self(x_NK[idx], y_NK[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return self
+
+
+class KSG(nn.Module):
+    """Kraskov-Stoegbauer-Grassberger estimator (algorithm 1), max-norm kNN.
+
+    Not differentiable: for monitoring and validation only. O(N^2) memory.
+    Known to underestimate strongly dependent variables (large MI relative to
+    log N); see Gao et al. 2015.
+    """
+
+    differentiable = False
+    unit = "nats"
+
+    def __init__(self, k: int = 3):
+        super().__init__()
+        self.k = k
+
+    @torch.no_grad()
+    def _estimate(self, x_NK: torch.Tensor, y_NK: torch.Tensor) -> torch.Tensor:
+        x = _standardize(x_NK.to(torch.float64))
+        y = _standardize(y_NK.to(torch.float64))
+        n = len(x)
+        k = min(self.k, n - 1)
+        dx = torch.cdist(x, x, p=float("inf"))
+        dy = torch.cdist(y, y, p=float("inf"))
+        dz = torch.maximum(dx, dy)
+        dz.fill_diagonal_(float("inf"))
+        eps_N = dz.kthvalue(k, dim=1).values
+        nx = (dx < eps_N[:, None]).sum(1) - 1  # minus the point itself
+        ny = (dy < eps_N[:, None]).sum(1) - 1
+        dg = torch.special.digamma
+        f64 = lambda v: torch.tensor(float(v), dtype=torch.float64)
+        mi = dg(f64(k)) + dg(f64(n)) - (dg(nx.double() + 1) + dg(ny.double() + 1)).mean()
+        return mi.clamp_min(0.0).to(torch.float32)
+
+    def forward(self, x_NK: torch.Tensor, y_NK: torch.Tensor) -> torch.Tensor:
+        _check_pair(x_NK, y_NK)
+        if torch.is_grad_enabled() and (x_NK.requires_grad or y_NK.requires_grad):
+            raise EstimatorError(
+                "ksg is not differentiable: use it for monitoring only (mi.weight=0, or call it under "
+                "torch.no_grad()), or pick a differentiable estimator: gaussian, renyi2, infonce, hsic")
+        return self._estimate(x_NK, y_NK)
+
+
+REGISTRY: dict[str, type[nn.Module]] = {
+    "gaussian": GaussianMI,
+    "renyi2": Renyi2MI,
+    "infonce": InfoNCE,
+    "hsic": HSICDependence,
+    "ksg": KSG,
+}
+
+
+def build(name: str, **kwargs) -> nn.Module:
+    """Build an estimator by name. `infonce` needs `x_dim` (and optionally `y_dim`)."""
+    if name not in REGISTRY:
+        import difflib
+        close = difflib.get_close_matches(name, REGISTRY, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise EstimatorError(f"unknown estimator {name!r}{hint}; choose one of {', '.join(REGISTRY)}")
+    try:
+        return REGISTRY[name](**kwargs)
+    except TypeError as e:
+        raise EstimatorError(f"estimator {name!r}: bad arguments {kwargs}: {e}") from None
