@@ -33,6 +33,11 @@ def _standardize(x_NK: torch.Tensor) -> torch.Tensor:
     return x_NK * torch.rsqrt(var_K + _EPS)
 
 
+def _out_dtype(x: torch.Tensor) -> torch.dtype:
+    """float64 in, float64 out; everything else (fp32, bf16, fp16) gives float32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 def _check_pair(x_NK: torch.Tensor, y_NK: torch.Tensor) -> None:
     if x_NK.dim() != 2 or y_NK.dim() != 2:
         raise EstimatorError(f"estimators take 2-D (N, K) inputs, got {tuple(x_NK.shape)} and {tuple(y_NK.shape)}")
@@ -81,10 +86,13 @@ class GaussianMI(nn.Module):
         eye = torch.eye(dx + dy, dtype=corr_DD.dtype, device=corr_DD.device)
         corr_DD = (1 - self.shrinkage) * corr_DD + self.shrinkage * eye
         mi = 0.5 * (_logdet_spd(corr_DD[:dx, :dx]) + _logdet_spd(corr_DD[dx:, dx:]) - _logdet_spd(corr_DD))
-        if self.bias_correction and n > dx + dy + 1:
-            mi = mi - 0.5 * (_gaussian_logdet_bias(dx, n) + _gaussian_logdet_bias(dy, n)
-                             - _gaussian_logdet_bias(dx + dy, n))
-        return mi.to(torch.float32)
+        # Constant columns carry no information and add no sampling bias:
+        # count only the varying ones (a constant layer then gives exactly 0).
+        ex, ey = (int((t.detach().std(0) > 0).sum()) for t in (x_NK, y_NK))
+        if self.bias_correction and n > ex + ey + 1:
+            mi = mi - 0.5 * (_gaussian_logdet_bias(ex, n) + _gaussian_logdet_bias(ey, n)
+                             - _gaussian_logdet_bias(ex + ey, n))
+        return mi.to(_out_dtype(x_NK))
 
 
 def _logdet_spd(a_DD: torch.Tensor) -> torch.Tensor:
@@ -129,7 +137,7 @@ class Renyi2MI(nn.Module):
         _check_pair(x_NK, y_NK)
         kx = _gaussian_gram(_standardize(x_NK.to(torch.float64)), self.bandwidth)
         ky = _gaussian_gram(_standardize(y_NK.to(torch.float64)), self.bandwidth)
-        return (self._s2(kx) + self._s2(ky) - self._s2(kx * ky)).to(torch.float32)
+        return (self._s2(kx) + self._s2(ky) - self._s2(kx * ky)).to(_out_dtype(x_NK))
 
 
 def _double_center(k_NN: torch.Tensor) -> torch.Tensor:
@@ -167,7 +175,7 @@ class HSICDependence(nn.Module):
             kx = _double_center(_gaussian_gram(x, self.bandwidth))
             ky = _double_center(_gaussian_gram(y, self.bandwidth))
             xy, xx, yy = (kx * ky).sum(), kx.pow(2).sum(), ky.pow(2).sum()
-        return (xy / torch.sqrt(xx * yy + _EPS)).to(torch.float32)
+        return (xy / torch.sqrt(xx * yy + _EPS)).to(_out_dtype(x_NK))
 
 
 class _CriticTower(nn.Module):
@@ -216,7 +224,7 @@ class InfoNCE(nn.Module):
         scores_NN = self.g(x) @ self.h(y).T
         n = scores_NN.shape[0]
         nce = torch.diagonal(scores_NN).mean() - torch.logsumexp(scores_NN, dim=1).mean() + math.log(n)
-        return nce.to(torch.float32)
+        return nce.to(_out_dtype(x_NK))
 
     def fit(self, x_NK: torch.Tensor, y_NK: torch.Tensor, steps: int = 300, lr: float = 1e-3,
             batch: int | None = None, seed: int = 0) -> "InfoNCE":

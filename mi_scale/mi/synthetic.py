@@ -25,13 +25,16 @@ def correlated_gaussians(n: int, d: int, total_mi: float, seed: int = 0) -> tupl
     return x_ND, y_ND
 
 
-def random_gaussian_pair(n: int, dx: int, dy: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """A non-isotropic jointly Gaussian pair with a random covariance.
+def random_gaussian_pair(n: int, dx: int, dy: int, seed: int = 0,
+                         cov_seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """A non-isotropic jointly Gaussian pair with a random covariance (drawn
+    from cov_seed, default seed; samples from seed).
 
     Returns x, y and the analytic MI 1/2 (logdet Sxx + logdet Syy - logdet S)."""
-    g = torch.Generator().manual_seed(seed)
     d = dx + dy
-    a_DD = torch.randn(d, d, generator=g, dtype=torch.float64)
+    a_DD = torch.randn(d, d, generator=torch.Generator().manual_seed(seed if cov_seed is None else cov_seed),
+                       dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed + 1)
     cov_DD = a_DD @ a_DD.T / d + 0.5 * torch.eye(d, dtype=torch.float64)
     chol = torch.linalg.cholesky(cov_DD)
     z_ND = torch.randn(n, d, generator=g, dtype=torch.float64) @ chol.T

@@ -1,0 +1,122 @@
+"""`mi-scale` command line: train | resume | report | bench | sweep | mi-check.
+
+Every user error (bad config, missing file, bad checkpoint) prints one
+`error: ...` line naming the field, value and fix, and exits with status 2
+before any work starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from mi_scale.config import ConfigError
+
+
+class UserError(Exception):
+    """An error the user can fix; printed without a traceback."""
+
+
+def _add_config_args(p: argparse.ArgumentParser, config_required: bool = False) -> None:
+    p.add_argument("config", nargs=None if config_required else "?",
+                   help="YAML config (default: the embedded MNIST-1D MLP config)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted override, repeatable: --set mi.weight=0.1")
+
+
+def _add_launch_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--launcher", choices=["ray", "local"], default="ray",
+                   help="ray (default): embedded local Ray or --address; local: this process, "
+                        "or one rank under torchrun/deepspeed when RANK is set")
+    p.add_argument("--address", default=None,
+                   help="existing Ray cluster: 'auto' or 'ray://host:10001' (default: embedded local Ray)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mi-scale", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a model with the inter-layer MI regularizer")
+    _add_config_args(p)
+    _add_launch_args(p)
+    p.add_argument("--resume", action="store_true", help="continue from the run dir's latest valid checkpoint")
+
+    p = sub.add_parser("resume", help="continue a run from its latest valid checkpoint")
+    p.add_argument("run_dir", help="runs/<name>: holds config.yaml and checkpoints/")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override settings that may change on resume (train.steps, cluster.*, tracking.*)")
+    _add_launch_args(p)
+
+    p = sub.add_parser("report", help="plots and report.md from one or more run dirs")
+    p.add_argument("run_dirs", nargs="+", help="run dirs (or folders holding run dirs)")
+    p.add_argument("--out", default="report", help="report folder (default: ./report)")
+    p.add_argument("--target-accuracy", type=float, default=None)
+
+    p = sub.add_parser("sweep", help="run a grid (configs/paper/grid.yaml) as parallel Ray trials, then report")
+    p.add_argument("grid", help="grid YAML with base, seeds and arms")
+    p.add_argument("--address", default=None, help="existing Ray cluster (default: embedded local Ray)")
+    p.add_argument("--output-dir", default="runs/sweep", help="where the trial run dirs go")
+    p.add_argument("--parallel", type=int, default=None, help="trials at once (default: CPU count)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override applied to every trial")
+
+    p = sub.add_parser("bench", help="side-by-side measurements (ratios from one run)")
+    p.add_argument("what", choices=["mi-overhead"], help="mi-overhead: step time with MI / without")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per configuration")
+    p.add_argument("--ranks", default="1,2", help="world sizes to measure, e.g. 1,2")
+    p.add_argument("--out", default="runs/bench", help="folder for bench.json")
+
+    p = sub.add_parser("mi-check", help="every estimator on tasks with known MI: table + plot")
+    p.add_argument("--out", default="runs/mi-check", help="folder for mi_check.json and mi_check.png")
+    p.add_argument("--quick", action="store_true", help="fewer tasks (about a minute)")
+    p.add_argument("-n", type=int, default=2048, help="samples per task")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except (ConfigError, UserError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args) -> int:
+    from mi_scale import config
+
+    if args.command == "mi-check":
+        from mi_scale import mi_check
+        mi_check.run(args.out, quick=args.quick, n=args.n)
+        return 0
+    if args.command == "report":
+        from mi_scale import report
+        try:
+            path = report.write_report(args.run_dirs, args.out, target_accuracy=args.target_accuracy)
+        except report.ReportError as e:
+            raise UserError(str(e)) from None
+        print(f"wrote {path}")
+        return 0
+    if args.command == "bench":
+        from mi_scale import bench
+        bench.mi_overhead(steps=args.steps, ranks=[int(r) for r in args.ranks.split(",")], out_dir=args.out)
+        return 0
+    if args.command == "train":
+        cfg = config.load(args.config, args.overrides)  # validate before importing heavy deps
+        from mi_scale import launcher
+        return launcher.launch(cfg, launcher=args.launcher, address=args.address, resume=args.resume)
+    if args.command == "resume":
+        from mi_scale import launcher
+        return launcher.resume(args.run_dir, args.overrides, launcher=args.launcher, address=args.address)
+    if args.command == "sweep":
+        from mi_scale import sweep
+        return sweep.run_grid(args.grid, output_dir=args.output_dir, address=args.address,
+                              parallel=args.parallel, overrides=args.overrides)
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,290 @@
+"""MIRegularizer: the inter-layer MI term, usable in any torch training loop.
+
+    reg = MIRegularizer(model, layers=["blocks.*"], estimator="gaussian",
+                        sketch_dim=64, tokens_per_sample=8, weight=0.1, seed=0)
+    out = model(x)                          # hooks sketch the hooked layers
+    reg_loss, mi_by_pair = reg.loss(step)   # scaled for data parallelism
+    (task_loss + reg_loss).backward()
+
+Objective: R = -weight * sum_l w_l * I(s_l(h_l); s_{l+1}(h_{l+1})) over the
+adjacent pairs of hooked layers in forward-execution order.
+
+Sharding contract (data parallel, W ranks): each rank sketches its local
+batch, sketches are all-gathered (autograd-aware), each rank estimates only
+the pairs it owns and scales its share by W. When the W ranks' gradients are
+averaged (DDP / DeepSpeed), the result equals the gradient of R computed in
+one process on the concatenated global batch. Logged values are global,
+identical on every rank.
+
+Shape legend: n local rows, N global rows, T tokens, D features, K sketch dims.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from mi_scale.mi import estimators
+from mi_scale.mi.distributed import all_reduce_sum, assign_pairs, gather_rows, world
+from mi_scale.mi.sketch import Sketcher, as_tokens, select_tokens, token_fractions
+
+
+class RegularizerError(ValueError):
+    pass
+
+
+def _glob_to_regex(pattern: str) -> re.Pattern:
+    # '*' matches one name component ("blocks.*" matches blocks.3, not blocks.3.fc).
+    parts = [".*" if c == "**" else fnmatch.translate(c)[4:-3].replace(".*", "[^.]*") for c in pattern.split(".")]
+    return re.compile(r"\A" + r"\.".join(parts) + r"\Z")
+
+
+def match_layers(model: nn.Module, patterns: list[str]) -> list[str]:
+    """Module names matching any pattern (exact names or globs)."""
+    names = [n for n, _ in model.named_modules() if n]
+    found: list[str] = []
+    for pat in patterns:
+        rx = _glob_to_regex(pat)
+        hits = [n for n in names if rx.match(n)]
+        if not hits:
+            import difflib
+            close = difflib.get_close_matches(pat, names, n=3)
+            hint = f"close names: {', '.join(close)}" if close else "see model.named_modules()"
+            raise RegularizerError(f"mi.layers: pattern {pat!r} matches no module ({hint})")
+        found += [h for h in hits if h not in found]
+    if len(found) < 2:
+        raise RegularizerError(f"mi.layers: {patterns!r} matches {len(found)} module(s) {found}; "
+                               "the MI term needs at least two layers to form a pair")
+    return found
+
+
+@dataclass
+class Schedule:
+    """When the term is computed and with which weight.
+
+    weight(step) ramps linearly from 0 to `weight` over `warmup_steps`. The
+    term takes part in the loss on steps divisible by `every`; on other steps
+    divisible by `log_every` MI is only measured (no gradient)."""
+    weight: float = 0.1
+    every: int = 1
+    log_every: int = 1
+    warmup_steps: int = 0
+
+    def weight_at(self, step: int) -> float:
+        if self.warmup_steps <= 0:
+            return self.weight
+        return self.weight * min(1.0, step / self.warmup_steps)
+
+    def mode(self, step: int) -> str:
+        """'train' (with gradient), 'measure' (no gradient) or 'skip'."""
+        if self.weight != 0 and step % self.every == 0:
+            return "train"
+        if step % self.log_every == 0 or (self.weight != 0 and step % self.every == 0):
+            return "measure"
+        return "skip"
+
+
+class MIRegularizer(nn.Module):
+    """Hooks `layers` of `model` and turns their sketches into the MI term.
+
+    Trainable parts (learned sketches, infonce critics) are this module's
+    parameters: call `discover(example_input)` once, then give
+    `reg.parameters()` to the optimizer together with the model's (or wrap
+    both in one nn.Module). Random sketches and the gaussian, renyi2, hsic
+    and ksg estimators have no parameters.
+    """
+
+    def __init__(self, model: nn.Module, layers: list[str], estimator: str = "gaussian",
+                 sketch: str = "random", sketch_dim: int = 64, tokens_per_sample: int = 8,
+                 weight: float = 0.1, seed: int = 0, every: int = 1, log_every: int | None = None,
+                 warmup_steps: int = 0, pair_weights: list[float] | None = None,
+                 estimator_kwargs: dict | None = None, group=None):
+        super().__init__()
+        self.layer_names = match_layers(model, list(layers))
+        self.estimator_name = estimator
+        self.estimator_kwargs = dict(estimator_kwargs or {})
+        if estimator == "ksg" and weight != 0:
+            raise RegularizerError("mi.estimator: invalid value 'ksg': ksg is not differentiable; "
+                                   "use it with weight 0 (monitoring) or pick gaussian")
+        self.sketcher = Sketcher(sketch, sketch_dim, seed)
+        self.k, self.tokens_per_sample, self.seed = sketch_dim, tokens_per_sample, seed
+        self.schedule = Schedule(weight, every, log_every or every, warmup_steps)
+        self.pair_weights = pair_weights
+        self.group = group
+        # Estimators with parameters (infonce) need one instance per pair; the
+        # rest are stateless and shared.
+        self.critics = nn.ModuleDict()
+        self._shared_estimator = None if estimator == "infonce" else estimators.build(estimator, **self.estimator_kwargs)
+        self._order: list[str] | None = None  # hooked layers in forward-execution order
+        self._sketches: dict[str, torch.Tensor] = {}
+        self._armed = False
+        self._fired: list[str] = []
+        self._model = [model]  # a list, so the model is not registered as a submodule
+        self._handles = [model.register_forward_pre_hook(self._arm),
+                         model.register_forward_hook(self._disarm)]
+        modules = dict(model.named_modules())
+        for name in self.layer_names:
+            self._handles.append(modules[name].register_forward_hook(self._make_hook(name)))
+
+    # -- hooks -------------------------------------------------------------
+    # The root pre-hook arms capture for one forward pass; the root post-hook
+    # disarms it. Hooks that re-fire outside that window (activation
+    # checkpointing recomputes blocks during backward) still compute the
+    # projection, so checkpointing sees the same saved tensors, but store
+    # nothing: no double counting.
+
+    def _arm(self, module, args):
+        self._armed = True
+        self._sketches = {}
+        self._fired: list[str] = []
+
+    def _disarm(self, module, args, output):
+        self._armed = False
+
+    def _make_hook(self, name: str):
+        def hook(module, args, output):
+            h = output[0] if isinstance(output, (tuple, list)) else output
+            if not torch.is_tensor(h):
+                raise RegularizerError(f"layer {name!r} returned {type(h).__name__}; hook a module "
+                                       "whose output is a tensor")
+            s_NTK = self.sketcher.project(name, as_tokens(h))
+            if self._armed and name not in self._sketches:
+                self._sketches[name] = s_NTK  # the sketch, never the full activation
+                self._fired.append(name)
+        return hook
+
+    def remove(self) -> None:
+        """Remove every hook this regularizer registered."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    # -- set-up ------------------------------------------------------------
+
+    @property
+    def pair_names(self) -> list[str]:
+        order = self._order or self.layer_names
+        return [f"{a}->{b}" for a, b in zip(order[:-1], order[1:])]
+
+    @torch.no_grad()
+    def discover(self, *example_args, **example_kwargs) -> list[str]:
+        """Run one forward to learn the execution order and widths of the
+        hooked layers and create trainable parts (learned sketches, critics).
+        Call before building the optimizer when those are used."""
+        model = self._model[0]
+        widths: dict[str, int] = {}
+        handles = []
+        modules = dict(model.named_modules())
+        for name in self.layer_names:
+            def cap(module, args, output, name=name):
+                h = output[0] if isinstance(output, (tuple, list)) else output
+                if name not in widths:
+                    widths[name] = as_tokens(h).shape[-1]
+            handles.append(modules[name].register_forward_hook(cap))
+        was_training = model.training
+        saved = self.sketcher.kind
+        self.sketcher.kind = "random"  # learned projections do not exist yet
+        try:
+            model.eval()
+            model(*example_args, **example_kwargs)
+        finally:
+            model.train(was_training)
+            self.sketcher.kind = saved
+            for h in handles:
+                h.remove()
+        self._set_order(self._fired)
+        device = next(model.parameters()).device
+        for name in self._order:
+            self.sketcher.add_layer(name, widths[name], device=device)
+        if self.estimator_name == "infonce":
+            for key in self._pair_keys():
+                if key not in self.critics:
+                    self.critics[key] = estimators.build("infonce", x_dim=self.k, **self.estimator_kwargs).to(device)
+        self._sketches = {}
+        return self.pair_names
+
+    def _set_order(self, fired: list[str]) -> None:
+        missing = [n for n in self.layer_names if n not in fired]
+        if missing:
+            raise RegularizerError(f"hooked layers {missing} did not fire in the last forward pass; "
+                                   "hook modules that run in forward() (check mi.layers)")
+        if self._order is None:
+            self._order = list(fired)
+            if self.pair_weights is not None and len(self.pair_weights) != len(self._order) - 1:
+                raise RegularizerError(
+                    f"mi.pair_weights: has {len(self.pair_weights)} entries but there are "
+                    f"{len(self._order) - 1} adjacent pairs ({', '.join(self.pair_names)})")
+
+    def _pair_keys(self) -> list[str]:
+        return [p.replace(".", "__").replace("->", "--") for p in self.pair_names]
+
+    def _estimator_for(self, pair: int):
+        if self._shared_estimator is not None:
+            return self._shared_estimator
+        key = self._pair_keys()[pair]
+        if key not in self.critics:
+            raise RegularizerError("infonce critics were not created: call "
+                                   "MIRegularizer.discover(example_input) before building the optimizer")
+        return self.critics[key]
+
+    # -- the term ------------------------------------------------------------
+
+    def loss(self, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """MI term for the last forward pass and the global MI of every pair.
+
+        Returns (reg_loss, {"<a>-><b>": nats}). reg_loss is already scaled by
+        the world size for gradient averaging (see module docstring); it is a
+        zero that still depends on the gathered sketches on ranks that own no
+        pair, so that every rank joins the backward collective. Returns
+        (0, {}) on steps the schedule skips. Releases the captured sketches.
+        """
+        mode = self.schedule.mode(step)
+        sketches, fired = self._sketches, getattr(self, "_fired", [])
+        self._sketches, self._fired = {}, []
+        device = next(iter(sketches.values())).device if sketches else torch.device("cpu")
+        if mode == "skip":
+            return torch.zeros((), device=device), {}
+        self._set_order(fired)
+        rank, size = world(self.group)
+        grad = mode == "train" and torch.is_grad_enabled()
+
+        # One all-gather for all layers: (n, (L+1) K) -> (N, (L+1) K).
+        fractions = token_fractions(self.seed, step, self.tokens_per_sample)
+        local = torch.cat([select_tokens(sketches[name], fractions).float() for name in self._order], 1)
+        if not grad:
+            local = local.detach()
+        gathered = gather_rows(local, self.group, differentiable=grad)
+        per_layer = gathered.split(self.k, dim=1)
+
+        owners = assign_pairs(len(self._order) - 1, size)
+        values = torch.zeros(len(owners), dtype=torch.float32, device=device)
+        weight = self.schedule.weight_at(step)
+        reg = gathered.sum() * 0.0  # keeps every rank in the backward collective
+        for p, owner in enumerate(owners):
+            if owner != rank:
+                continue
+            with torch.set_grad_enabled(grad):
+                mi = self._estimator_for(p)(per_layer[p], per_layer[p + 1])
+            values[p] = mi.detach()
+            if grad:
+                w_p = weight * (self.pair_weights[p] if self.pair_weights is not None else 1.0)
+                reg = reg - w_p * mi * size
+        if grad:
+            # Trainable parts of pairs owned elsewhere get an exact zero
+            # gradient, so every rank reduces the same set of gradients.
+            for prm in self.parameters():
+                if prm.requires_grad:
+                    reg = reg + prm.sum() * 0.0
+        values = all_reduce_sum(values, self.group)
+        return reg, dict(zip(self.pair_names, values.tolist()))
+
+    def comm_floats_per_step(self, global_rows: int, widths: list[int] | None = None) -> dict[str, int]:
+        """Floats each rank receives per step: sketches vs raw sampled activations."""
+        layers = len(self._order or self.layer_names)
+        sketch = global_rows * self.k * layers
+        raw = global_rows * sum(widths) if widths else None
+        return {"sketch": sketch, "raw": raw}
