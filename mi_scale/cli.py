@@ -32,6 +32,16 @@ def _add_launch_args(p: argparse.ArgumentParser) -> None:
                    help="existing Ray cluster: 'auto' or 'ray://host:10001' (default: embedded local Ray)")
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors a user can fix: printed as one line, exit status 2."""
+    from mi_scale.data import DataError
+    from mi_scale.mi import RegularizerError
+    from mi_scale.mi.estimators import EstimatorError
+    from mi_scale.models.errors import ModelError
+    from mi_scale.train.checkpoint import CheckpointError
+    return (ConfigError, UserError, DataError, ModelError, RegularizerError, EstimatorError, CheckpointError)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mi-scale", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -77,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return _dispatch(args)
-    except (ConfigError, UserError) as e:
+    except _user_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -94,11 +94,11 @@ class DataConfig:
 
 @dataclass
 class MIConfig:
-    weight: float = 0.0  # > 0 raises inter-layer MI, < 0 lowers it, 0 = monitor only
+    weight: float = 0.001  # > 0 raises inter-layer MI, < 0 lowers it, 0 = monitor only
     estimator: Literal["gaussian", "renyi2", "infonce", "hsic", "ksg"] = "gaussian"
     estimator_kwargs: dict = field(default_factory=dict)
     sketch: Literal["random", "learned"] = "random"
-    sketch_dim: int = 64
+    sketch_dim: int = 16
     tokens_per_sample: int = 8
     layers: list = field(default_factory=lambda: ["blocks.*"])
     every: int = 1  # compute (and apply) the term every N steps
@@ -126,8 +126,8 @@ class MIConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 300
-    lr: float = 1e-3
+    steps: int = 600
+    lr: float = 2e-3
     weight_decay: float = 0.0
     warmup_steps: int = 10
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
@@ -137,8 +137,8 @@ class TrainConfig:
     activation_checkpointing: bool = False
     eval_every: int = 100
     eval_batches: int = 0  # 0 = whole held-out split
-    log_every: int = 10
-    checkpoint_every: int = 100
+    log_every: int = 50
+    checkpoint_every: int = 200
     keep_last: int = 2
 
     def validate(self, p: str) -> None:
@@ -156,7 +156,7 @@ class TrainConfig:
 
 @dataclass
 class DeepSpeedConfig:
-    zero_stage: int = 0
+    zero_stage: int = 2
     offload_optimizer: bool = False  # ZeRO-3 (or 2) optimizer state on CPU
     offload_params: bool = False  # ZeRO-3 parameters on CPU
     extra: dict = field(default_factory=dict)  # merged last into the DeepSpeed JSON
@@ -203,6 +203,8 @@ class FaultConfig:
     """Test-only fault injection: one worker raises once at a chosen step."""
     fail_at_step: Optional[int] = None
     fail_rank: int = 0
+    # kill the process (no cleanup) while writing the checkpoint of this step
+    kill_during_checkpoint: Optional[int] = None
 
 
 @dataclass

@@ -1,0 +1,68 @@
+"""Where `mi-scale train` and `mi-scale resume` go: Ray (default) or local.
+
+local: run the worker in this process: a world of 1, or one rank when a
+launcher (torchrun, deepspeed) has set RANK/WORLD_SIZE.
+ray: mi_scale.orchestrate runs cluster.num_workers workers through Ray Train.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mi_scale import config as config_mod
+from mi_scale.config import Config, ConfigError
+
+# Settings that may change when a run resumes; everything else must match.
+RESUMABLE = ("train.steps", "train.eval_every", "train.log_every", "train.checkpoint_every",
+             "train.keep_last", "train.eval_batches", "tracking.", "cluster.", "fault.", "mi.log_every")
+
+
+def launch(cfg: Config, launcher: str = "ray", address: str | None = None, resume: bool = False) -> int:
+    if address is not None:
+        cfg.cluster.address = address
+    if launcher == "local":
+        from mi_scale.train.worker import run_worker
+        summary = run_worker(cfg, resume=resume)
+        _print_summary(summary)
+        return 0
+    from mi_scale import orchestrate
+    summary = orchestrate.run(cfg, resume=resume)
+    _print_summary(summary)
+    return 0
+
+
+def resume(run_dir: str, overrides: list[str], launcher: str = "ray", address: str | None = None) -> int:
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"run dir {run_dir!r} has no config.yaml: pass the folder of an existing run "
+                          f"(runs/<run.name>)")
+    for item in overrides:
+        key = item.split("=", 1)[0]
+        if not key.startswith(RESUMABLE):
+            raise ConfigError(f"--set {key}: cannot change on resume (it changes what the checkpoint means); "
+                              f"start a new run with another run.name instead")
+    cfg = config_mod.load(path, overrides)
+    # The run dir is where it is now, even if the run was moved.
+    cfg.run.output_dir = str(Path(run_dir).resolve().parent)
+    cfg.run.name = Path(run_dir).resolve().name
+    return launch(cfg, launcher=launcher, address=address, resume=True)
+
+
+def _print_summary(summary: dict) -> None:
+    if not summary:
+        return
+    run_dir = Path(summary["run_dir"])
+    print("\n== mi-scale run summary ==")
+    for key in ("eval_accuracy", "eval_loss", "eval_ppl"):
+        if key in summary:
+            print(f"  final {key:<14} {summary[key]:.4f}")
+    mi = {k[3:]: v for k, v in summary.items() if k.startswith("mi/")}
+    if mi:
+        print("  sketched MI per adjacent pair (nats):")
+        for pair, v in mi.items():
+            print(f"    {pair:<28} {v:8.3f}")
+    print(f"  config       {run_dir / 'config.yaml'}")
+    print(f"  metrics      {run_dir / 'metrics.jsonl'}")
+    print(f"  checkpoints  {run_dir / 'checkpoints'}")
+    print(f"  wandb files  {run_dir / 'wandb'}")
+    print(f"  plots        {run_dir / 'plots'}")

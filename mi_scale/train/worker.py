@@ -1,0 +1,245 @@
+"""The per-rank training worker.
+
+Runs unchanged under torchrun, the deepspeed launcher, a Ray Train worker,
+or a plain process (which becomes a world of 1):
+
+    python -m mi_scale.train.worker RUN_DIR/config.yaml [--resume]
+
+Per step: grad_accum micro-batches, each a forward of model + MI term inside
+the DeepSpeed engine, engine.backward, engine.step. Rank 0 logs; all ranks
+checkpoint together.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from mi_scale import __version__
+from mi_scale import config as config_mod
+from mi_scale.config import Config
+from mi_scale.train import checkpoint
+from mi_scale.train.dist_env import barrier, device, init_process_group
+from mi_scale.train.tracking import Tracker, truncate_metrics
+
+
+class InjectedFault(RuntimeError):
+    """Raised by the test-only fault knob (fault.fail_at_step)."""
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_objective(cfg: Config, bundle):
+    """Model + MI regularizer for the data in `bundle`."""
+    from mi_scale.mi import MIRegularizer
+    from mi_scale.models import build_model, default_hook_patterns
+    from mi_scale.train.objective import Objective
+
+    model = build_model(cfg.model, input_dim=bundle.input_dim, num_classes=bundle.num_classes,
+                        vocab_size=bundle.vocab_size, seq_len=bundle.seq_len)
+    model.activation_checkpointing = cfg.train.activation_checkpointing
+    layers = cfg.mi.layers
+    if cfg.model.kind == "hf" and layers == ["blocks.*"]:
+        layers = default_hook_patterns(cfg.model, model)
+    m = cfg.mi
+    reg = MIRegularizer(model, layers, estimator=m.estimator, sketch=m.sketch, sketch_dim=m.sketch_dim,
+                        tokens_per_sample=m.tokens_per_sample, weight=m.weight, seed=cfg.run.seed,
+                        every=m.every, log_every=m.log_every, warmup_steps=m.warmup_steps,
+                        pair_weights=m.pair_weights, estimator_kwargs=m.estimator_kwargs)
+    example = bundle.train[:2]["x"]
+    reg.discover(example)  # creates learned sketches / critics before the optimizer exists
+    return Objective(model, reg, bundle.task)
+
+
+def _training_keys(cfg: Config) -> dict:
+    d = cfg.to_dict()
+    return {f"{sec}.{k}": v for sec in ("model", "mi", "data") for k, v in d[sec].items()
+            if k != "log_every"} | {f"train.{k}": d["train"][k] for k in ("lr", "weight_decay", "grad_accum", "precision")} \
+        | {"deepspeed.zero_stage": d["deepspeed"]["zero_stage"], "run.seed": d["run"]["seed"]}
+
+
+@torch.no_grad()
+def evaluate(engine, test_set, cfg: Config, rank: int, world: int) -> dict:
+    """Held-out loss and accuracy (classification) or perplexity (LM), over
+    the whole test split (or eval_batches global batches), sharded by rank."""
+    from mi_scale.data import ShardedBatches
+
+    batches = ShardedBatches(test_set, cfg.data.batch_size, rank, world, seed=0, shuffle=False, drop_last=False)
+    n_batches = batches.batches_per_epoch
+    if cfg.train.eval_batches:
+        n_batches = min(n_batches, cfg.train.eval_batches)
+    was_training = engine.module.training
+    engine.module.eval()
+    totals = torch.zeros(3, dtype=torch.float64, device=device())
+    for _ in range(n_batches):
+        b = batches.next_batch()
+        if len(b["x"]) == 0:
+            continue
+        loss, correct, count = engine.module.evaluate_batch(b["x"].to(device()), b["y"].to(device()))
+        totals += torch.tensor([loss, correct, count], dtype=torch.float64, device=device())
+    engine.module.train(was_training)
+    if world > 1:
+        dist.all_reduce(totals)
+    loss_sum, correct, count = totals.tolist()
+    out = {"split": "eval", "eval_loss": loss_sum / max(count, 1)}
+    if engine.module.task == "classify":
+        out["eval_accuracy"] = correct / max(count, 1)
+    else:
+        out["eval_ppl"] = float(np.exp(min(out["eval_loss"], 50)))
+    return out
+
+
+def _peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def run_worker(cfg: Config, resume: bool = False, on_checkpoint=None, report=None) -> dict:
+    """Train on this rank. `on_checkpoint(path, step)` and `report(metrics)`
+    are hooks for the orchestrator (Ray) and are called on every rank.
+    Returns the final summary (same on every rank)."""
+    from mi_scale.data import ShardedBatches, build_data
+    from mi_scale.train.engine import build_engine
+
+    rank, world = init_process_group()
+    run_dir = cfg.run_dir()
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config_mod.save(cfg, run_dir / "config.yaml")
+    barrier()
+
+    seed_everything(cfg.run.seed)  # identical model init on every rank
+    bundle = build_data(cfg.data, cfg.run.seed)
+    objective = build_objective(cfg, bundle)
+    engine = build_engine(cfg, objective, world)
+    batches = ShardedBatches(bundle.train, cfg.data.batch_size, rank, world, cfg.run.seed, cfg.data.shuffle)
+    seed_everything(cfg.run.seed * 1000 + rank + 1)  # per-rank streams (dropout)
+
+    start_step, samples_seen = 0, 0
+    training_hash = cfg.training_hash()
+    if resume:
+        meta, rank_state = checkpoint.load_latest(engine, run_dir, training_hash, world, _training_keys(cfg))
+        if meta is not None:
+            start_step, samples_seen = meta["step"], meta["samples_seen"]
+            batches.load_state_dict(rank_state["data"])
+            checkpoint.set_rng_state(rank_state["rng"])
+            if rank == 0:
+                print(f"[mi-scale] resumed from {run_dir / 'checkpoints' / meta['tag']} at step {start_step}",
+                      flush=True)
+        elif rank == 0:
+            print(f"[mi-scale] no valid checkpoint in {run_dir / 'checkpoints'}: starting at step 0", flush=True)
+    if rank == 0:
+        truncate_metrics(run_dir, start_step)
+    tracker = None
+    if rank == 0:
+        tracker = Tracker(run_dir, cfg.to_dict(), cfg.train.steps, start_step, cfg.tracking.wandb,
+                          cfg.tracking.project, cfg.run.group, cfg.tracking.heatmap_every)
+
+    t, dev = cfg.train, device()
+    tokens_per_sample = bundle.seq_len or 1
+    last_eval: dict = {}
+    try:
+        for step in range(start_step, t.steps):
+            _maybe_inject_fault(cfg, run_dir, rank, step)
+            t0 = time.perf_counter()
+            sums = torch.zeros(3, dtype=torch.float64, device=dev)
+            mi_values: dict[str, float] = {}
+            for _ in range(t.grad_accum):
+                b = batches.next_batch()
+                loss, task_loss, reg_loss, mi = engine(b["x"].to(dev), b["y"].to(dev), step)
+                engine.backward(loss)
+                engine.step()
+                sums += torch.stack([loss.detach(), task_loss, reg_loss]).double()
+                for k, v in mi.items():  # MI of each micro-batch; logged as their mean
+                    mi_values[k] = mi_values.get(k, 0.0) + v / t.grad_accum
+            if world > 1:
+                dist.all_reduce(sums)
+            sums /= world * t.grad_accum
+            step_time = time.perf_counter() - t0
+            done = step + 1
+            samples_seen += cfg.data.batch_size * t.grad_accum * world
+            row = {"split": "train", "loss": sums[0].item(), "task_loss": sums[1].item(), "mi_loss": sums[2].item(),
+                   "lr": engine.get_lr()[0], "step_time_s": step_time,
+                   "samples_per_s": cfg.data.batch_size * t.grad_accum * world / step_time,
+                   "tokens_per_s": cfg.data.batch_size * t.grad_accum * world * tokens_per_sample / step_time,
+                   "samples_seen": samples_seen, "peak_mem_mb": _peak_memory_mb()}
+            gn = engine.get_global_grad_norm()
+            if gn is not None:
+                row["grad_norm"] = float(gn)
+            if mi_values:
+                row.update({f"mi/{k}": v for k, v in mi_values.items()})
+                row["mi_mean"] = sum(mi_values.values()) / len(mi_values)
+            if tracker is not None:
+                tracker.log(done, row)
+                if done % t.log_every == 0 or done == t.steps:
+                    tracker.progress(done, row)
+                tracker.heatmap(done)
+            if done % t.eval_every == 0 or done == t.steps:
+                last_eval = evaluate(engine, bundle.test, cfg, rank, world)
+                if tracker is not None:
+                    tracker.log(done, last_eval)
+                    print(f"eval  {done:>6}/{t.steps} | " + " | ".join(
+                        f"{k} {v:.4f}" for k, v in last_eval.items() if k != "split"), flush=True)
+            if done % t.checkpoint_every == 0 or done == t.steps:
+                meta = {"samples_seen": samples_seen, "world_size": world, "config_hash": training_hash,
+                        "training_keys": _training_keys(cfg), "wandb_id": tracker.wandb_id if tracker else None,
+                        "version": __version__, "data_position": batches.state_dict()}
+                path = checkpoint.save(engine, run_dir, done, meta,
+                                       {"rng": checkpoint.rng_state(), "data": batches.state_dict()}, t.keep_last,
+                                       kill_at=cfg.fault.kill_during_checkpoint)
+                if on_checkpoint is not None:
+                    on_checkpoint(path, done, {**row, **last_eval})
+            elif report is not None:
+                report({**row, "step": done})
+    finally:
+        if tracker is not None:
+            tracker.heatmap(t.steps, force=True)
+            tracker.close()
+    final_mi = {k: v for k, v in row.items() if k.startswith("mi/")} if t.steps > start_step else {}
+    return {"run_dir": str(run_dir), "steps": t.steps, "world_size": world, **last_eval, **final_mi}
+
+
+def _maybe_inject_fault(cfg: Config, run_dir: Path, rank: int, step: int) -> None:
+    """Test-only: rank fault.fail_rank raises once when reaching fault.fail_at_step."""
+    f = cfg.fault
+    if f.fail_at_step is None or rank != f.fail_rank or step != f.fail_at_step:
+        return
+    marker = run_dir / f".fault-injected-step{f.fail_at_step}-rank{f.fail_rank}"
+    if marker.exists():
+        return
+    marker.write_text("1")
+    raise InjectedFault(f"injected fault on rank {rank} at step {step} (fault.fail_at_step)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="mi-scale per-rank worker (torchrun / deepspeed / plain)")
+    p.add_argument("config")
+    p.add_argument("--set", dest="overrides", action="append", default=[])
+    p.add_argument("--resume", action="store_true")
+    args = p.parse_args(argv)
+    cfg = config_mod.load(args.config, args.overrides)
+    summary = run_worker(cfg, resume=args.resume)
+    if dist.is_initialized():
+        if dist.get_rank() == 0:
+            print(json.dumps({"summary": summary}), flush=True)
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
