@@ -283,19 +283,24 @@ class MIRegularizer(nn.Module):
         reg = gathered.sum() * 0.0  # keeps every rank in the backward collective
         for p, owner in enumerate(owners):
             if owner != rank:
+                if grad and self.critics:
+                    # Critics of pairs owned elsewhere get an exact zero
+                    # gradient here, so every rank reduces the same set of
+                    # gradients. A module call (not p.sum()) so that ZeRO-3
+                    # gathers the partitioned parameters first.
+                    reg = reg + 0.0 * self._estimator_for(p)(per_layer[p][:2], per_layer[p + 1][:2])
                 continue
+            est = self._estimator_for(p)
             with torch.set_grad_enabled(grad):
-                mi = self._estimator_for(p)(per_layer[p], per_layer[p + 1])
+                # Parameter-free estimators are called through .forward, not as
+                # modules: ranks own different numbers of pairs, and ZeRO-3
+                # requires the same sequence of module calls on every rank.
+                mi = est(per_layer[p], per_layer[p + 1]) if self.critics else \
+                    est.forward(per_layer[p], per_layer[p + 1])
             values[p] = mi.detach()
             if grad:
                 w_p = weight * (self.pair_weights[p] if self.pair_weights is not None else 1.0)
                 reg = reg - w_p * mi * size
-        if grad:
-            # Trainable parts of pairs owned elsewhere get an exact zero
-            # gradient, so every rank reduces the same set of gradients.
-            for prm in self.parameters():
-                if prm.requires_grad:
-                    reg = reg + prm.sum() * 0.0
         values = all_reduce_sum(values, self.group)
         return reg, dict(zip(self.pair_names, values.tolist()))
 

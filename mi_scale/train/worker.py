@@ -86,9 +86,8 @@ def evaluate(engine, test_set, cfg: Config, rank: int, world: int) -> dict:
     engine.module.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=device())
     for _ in range(n_batches):
-        b = batches.next_batch()
-        if len(b["x"]) == 0:
-            continue
+        b = batches.next_batch()  # may be empty on some ranks at the end: still run the
+        # forward, because ZeRO-3 gathers parameters collectively inside it
         loss, correct, count = engine.module.evaluate_batch(b["x"].to(device()), b["y"].to(device()))
         totals += torch.tensor([loss, correct, count], dtype=torch.float64, device=device())
     engine.module.train(was_training)
@@ -120,7 +119,6 @@ def run_worker(cfg: Config, resume: bool = False, on_checkpoint=None, report=Non
     run_dir = cfg.run_dir()
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        config_mod.save(cfg, run_dir / "config.yaml")
     barrier()
 
     seed_everything(cfg.run.seed)  # identical model init on every rank
@@ -143,10 +141,10 @@ def run_worker(cfg: Config, resume: bool = False, on_checkpoint=None, report=Non
                       flush=True)
         elif rank == 0:
             print(f"[mi-scale] no valid checkpoint in {run_dir / 'checkpoints'}: starting at step 0", flush=True)
-    if rank == 0:
-        truncate_metrics(run_dir, start_step)
     tracker = None
-    if rank == 0:
+    if rank == 0:  # only now, after the checkpoint proved compatible, touch the run dir's files
+        config_mod.save(cfg, run_dir / "config.yaml")
+        truncate_metrics(run_dir, start_step)
         tracker = Tracker(run_dir, cfg.to_dict(), cfg.train.steps, start_step, cfg.tracking.wandb,
                           cfg.tracking.project, cfg.run.group, cfg.tracking.heatmap_every)
 
@@ -157,6 +155,8 @@ def run_worker(cfg: Config, resume: bool = False, on_checkpoint=None, report=Non
         for step in range(start_step, t.steps):
             _maybe_inject_fault(cfg, run_dir, rank, step)
             t0 = time.perf_counter()
+            pos = batches.state_dict()
+            data_batch = pos["epoch"] * batches.batches_per_epoch + pos["batch_in_epoch"]
             sums = torch.zeros(3, dtype=torch.float64, device=dev)
             mi_values: dict[str, float] = {}
             for _ in range(t.grad_accum):
@@ -177,7 +177,7 @@ def run_worker(cfg: Config, resume: bool = False, on_checkpoint=None, report=Non
                    "lr": engine.get_lr()[0], "step_time_s": step_time,
                    "samples_per_s": cfg.data.batch_size * t.grad_accum * world / step_time,
                    "tokens_per_s": cfg.data.batch_size * t.grad_accum * world * tokens_per_sample / step_time,
-                   "samples_seen": samples_seen, "peak_mem_mb": _peak_memory_mb()}
+                   "samples_seen": samples_seen, "data_batch": data_batch, "peak_mem_mb": _peak_memory_mb()}
             gn = engine.get_global_grad_norm()
             if gn is not None:
                 row["grad_norm"] = float(gn)

@@ -1,0 +1,241 @@
+"""The DeepSpeed training worker: equality with a plain DeepSpeed loop,
+multi-rank ZeRO runs, exact resume, crash-safe checkpoints, wandb, errors."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import wandb_reader
+from distributed_helpers import free_port, run_world
+from mi_scale import config as config_mod
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+PY = sys.executable
+
+
+def tiny(tmp_path: Path, *overrides: str, name: str = "tiny") -> config_mod.Config:
+    base = [f"run.output_dir={tmp_path}", f"run.name={name}", "model.depth=4", "model.width=32",
+            "data.batch_size=16", "mi.sketch_dim=4", "mi.weight=0.01", "train.steps=12",
+            "train.eval_every=6", "train.checkpoint_every=5", "train.log_every=4", "train.keep_last=3",
+            "train.warmup_steps=2", "tracking.wandb=disabled", "tracking.heatmap_every=6"]
+    return config_mod.load(None, base + list(overrides))
+
+
+def metrics(run_dir: Path, split: str = "train") -> list[dict]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["split"] == split]
+
+
+def cli(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    e = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", **(env or {})}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        e.pop(k, None)
+    return subprocess.run([PY, "-m", "mi_scale.cli", *args], capture_output=True, text=True, env=e,
+                          timeout=timeout, cwd=REPO)
+
+
+# -- 1 rank, in process ---------------------------------------------------------
+
+
+def test_weight_zero_equals_plain_deepspeed_loop(tmp_path):
+    import deepspeed
+    import torch.nn.functional as F
+
+    from mi_scale.data import ShardedBatches, build_data
+    from mi_scale.models import build_model
+    from mi_scale.train.worker import run_worker
+
+    cfg = tiny(tmp_path, "mi.weight=0", "train.warmup_steps=0", "train.min_lr_ratio=1.0", "train.grad_clip=0",
+               "deepspeed.zero_stage=0")
+    run_worker(cfg)
+    ours = [r["loss"] for r in metrics(cfg.run_dir())]
+
+    # The same training written as a plain DeepSpeed loop.
+    torch.manual_seed(cfg.run.seed)
+    bundle = build_data(cfg.data, cfg.run.seed)
+    model = build_model(cfg.model, input_dim=bundle.input_dim, num_classes=bundle.num_classes)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config={
+        "train_micro_batch_size_per_gpu": 16, "gradient_accumulation_steps": 1,
+        "optimizer": {"type": "AdamW", "params": {"lr": cfg.train.lr, "weight_decay": 0.0, "torch_adam": True}},
+        "zero_optimization": {"stage": 0}, "steps_per_print": 10**9})
+    batches = ShardedBatches(bundle.train, 16, 0, 1, cfg.run.seed)
+    plain = []
+    for _ in range(cfg.train.steps):
+        b = batches.next_batch()
+        loss = F.cross_entropy(engine(b["x"]), b["y"])
+        engine.backward(loss)
+        engine.step()
+        plain.append(loss.item())
+    assert ours == plain
+
+
+def test_resume_reproduces_uninterrupted_run_one_rank(tmp_path):
+    from mi_scale.train.worker import InjectedFault, run_worker
+
+    full = tiny(tmp_path, "train.steps=20", name="full")
+    run_worker(full)
+    part = tiny(tmp_path, "train.steps=20", "fault.fail_at_step=10", name="part")
+    with pytest.raises(InjectedFault):
+        run_worker(part)  # interrupted at step 10, right after the step-10 checkpoint
+    run_worker(part, resume=True)
+    a, b = metrics(full.run_dir()), metrics(part.run_dir())
+    assert [r["step"] for r in b] == list(range(1, 21))  # each step exactly once
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+    assert [r["data_batch"] for r in a] == [r["data_batch"] for r in b]
+    assert [r["mi_mean"] for r in a] == [r["mi_mean"] for r in b]
+    assert (part.run_dir() / "plots" / "mi_heatmap.png").stat().st_size > 5000
+
+
+def test_wandb_offline_matches_metrics_and_resume_keeps_run_id(tmp_path):
+    from mi_scale.train.worker import InjectedFault, run_worker
+
+    cfg = tiny(tmp_path, "tracking.wandb=offline", "train.steps=10", "fault.fail_at_step=6")
+    with pytest.raises(InjectedFault):
+        run_worker(cfg)
+    run_worker(cfg, resume=True)
+    files = sorted(glob.glob(str(cfg.run_dir() / "wandb" / "offline-run-*" / "run-*.wandb")))
+    assert len(files) == 2
+    ids = {wandb_reader.run_id(f) for f in files}
+    assert ids == {(cfg.run_dir() / "wandb_id.txt").read_text().strip()}
+    logged = {}
+    for f in files:
+        for row in wandb_reader.history(f):
+            if "loss" in row:
+                logged[row["_step"]] = row
+    expected = metrics(cfg.run_dir())
+    assert sorted(logged) == [r["step"] for r in expected] == list(range(1, 11))
+    for r in expected:
+        mi_keys = [k for k in r if k.startswith("mi/")]
+        assert len(mi_keys) == 3
+        for k in mi_keys + ["loss", "task_loss", "mi_loss", "lr"]:
+            assert logged[r["step"]][k] == pytest.approx(r[k], rel=1e-12)
+
+
+def test_corrupt_latest_checkpoint_is_skipped_for_previous(tmp_path):
+    from mi_scale.train.checkpoint import complete_checkpoints
+    from mi_scale.train.worker import run_worker
+
+    cfg = tiny(tmp_path, "train.steps=10")
+    run_worker(cfg)
+    ckpts = complete_checkpoints(cfg.run_dir())
+    assert [c.name for c in ckpts] == ["step-00000010", "step-00000005"]
+    for f in ckpts[0].rglob("*model_states.pt"):
+        f.write_bytes(f.read_bytes()[:100])  # truncated file
+    cfg.train.steps = 12
+    with pytest.warns(UserWarning, match="skipping checkpoint .*step-00000010: failed to load"):
+        run_worker(cfg, resume=True)
+    steps = [r["step"] for r in metrics(cfg.run_dir())]
+    assert steps == list(range(1, 13))
+
+
+# -- subprocess: crash mid-save, torchrun, errors ---------------------------------
+
+
+def test_kill_during_checkpoint_write_keeps_previous_loadable(tmp_path):
+    cfg = tiny(tmp_path, "train.steps=12", "fault.kill_during_checkpoint=10")
+    config_mod.save(cfg, tmp_path / "c.yaml")
+    r = cli("train", str(tmp_path / "c.yaml"), "--launcher", "local")
+    assert r.returncode == 137, r.stderr[-2000:]
+    ckroot = cfg.run_dir() / "checkpoints"
+    assert sorted(p.name for p in ckroot.iterdir()) == [".partial-step-00000010", "step-00000005"]
+    r = cli("resume", str(cfg.run_dir()), "--launcher", "local", "--set", "fault.kill_during_checkpoint=null")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resumed from" in r.stdout and "step-00000005" in r.stdout
+    ref = tiny(tmp_path, "train.steps=12", name="ref")
+    from mi_scale.train.worker import run_worker
+    run_worker(ref)
+    assert [x["loss"] for x in metrics(cfg.run_dir())] == [x["loss"] for x in metrics(ref.run_dir())]
+    assert sorted(p.name for p in ckroot.iterdir()) == ["step-00000005", "step-00000010", "step-00000012"]
+
+
+def _torchrun(cfg_path: Path, *extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    return subprocess.run([PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+                           "-m", "mi_scale.train.worker", str(cfg_path), *extra],
+                          capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
+
+
+def test_torchrun_two_ranks_resume_equals_uninterrupted(tmp_path):
+    full = tiny(tmp_path, "train.steps=20", name="full")
+    config_mod.save(full, tmp_path / "full.yaml")
+    r = _torchrun(tmp_path / "full.yaml")
+    assert r.returncode == 0, r.stderr[-3000:]
+    part = tiny(tmp_path, "train.steps=20", "fault.fail_at_step=10", "fault.fail_rank=1", name="part")
+    config_mod.save(part, tmp_path / "part.yaml")
+    r = _torchrun(tmp_path / "part.yaml")
+    assert r.returncode != 0 and "injected fault on rank 1 at step 10" in r.stderr
+    r = _torchrun(tmp_path / "part.yaml", "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = metrics(full.run_dir()), metrics(part.run_dir())
+    assert [x["step"] for x in b] == list(range(1, 21))
+    assert [x["loss"] for x in a] == [x["loss"] for x in b]
+    assert [x["data_batch"] for x in a] == [x["data_batch"] for x in b]
+    assert a[-1]["samples_seen"] == 20 * 16 * 2
+    # and a 2-rank run is not a 1-rank run: the checkpoint knows its world size
+    r = cli("resume", str(full.run_dir()), "--launcher", "local")
+    assert r.returncode == 2
+    assert r.stderr.strip().endswith(
+        "was written by 2 ranks but this run has 1; resume with cluster.num_workers=2 (ZeRO partitions "
+        "optimizer state per rank, and the data order is per-rank)")
+
+
+def _zero_run(rank, world, cfg_dict):
+    from mi_scale.train.worker import run_worker
+    cfg = config_mod.from_dict(cfg_dict)
+    summary = run_worker(cfg)
+    return summary, metrics(cfg.run_dir()) if rank == 0 else None
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_stages_two_ranks_learn_and_agree_on_mi(tmp_path, stage):
+    cfg = tiny(tmp_path, f"deepspeed.zero_stage={stage}", "train.steps=30", "train.lr=0.01",
+               "mi.sketch=learned", "train.checkpoint_every=30")
+    res = run_world(2, _zero_run, cfg.to_dict())
+    (s0, rows), (s1, _) = res
+    mi0 = {k: v for k, v in s0.items() if k.startswith("mi/")}
+    assert len(mi0) == 3 and mi0 == {k: v for k, v in s1.items() if k.startswith("mi/")}
+    first = sum(r["task_loss"] for r in rows[:5]) / 5
+    last = sum(r["task_loss"] for r in rows[-5:]) / 5
+    assert last < first - 0.1, (first, last)
+
+
+@pytest.mark.parametrize("case,expected", [
+    (("--set", "model.kind=gpt", "--set", "model.preset=gpt-2m", "--set", "data.name=text"),
+     "error: model.preset: invalid value 'gpt-2m': expected one of 'gpt-1m', 'gpt-5m', 'gpt-125m', "
+     "'gpt-350m', 'gpt-1.3b', 'gpt-7b' (did you mean 'gpt-125m'?)"),
+    (("--set", "data.name=files", "--set", "data.path=/nonexistent/train.jsonl"), "error: data.path: "),
+    (("--set", "data.name=hub", "--set", "data.path=some-user/some-dataset"), "error: data.path="),
+])
+def test_bad_inputs_fail_before_training(tmp_path, case, expected):
+    r = cli("train", "--launcher", "local", "--set", f"run.output_dir={tmp_path}", *case,
+            env={"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}, timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1].startswith(expected)
+    assert "step " not in r.stdout
+    assert not list(tmp_path.rglob("checkpoints/step-*"))
+
+
+def test_checkpoint_from_another_config_is_refused(tmp_path):
+    from mi_scale.train.worker import run_worker
+
+    cfg = tiny(tmp_path, "train.steps=5")
+    run_worker(cfg)
+    (cfg.run_dir() / "config.yaml").write_text(
+        (cfg.run_dir() / "config.yaml").read_text().replace("width: 32", "width: 48"))
+    before = (cfg.run_dir() / "metrics.jsonl").read_text()
+    r = cli("resume", str(cfg.run_dir()), "--launcher", "local")
+    assert r.returncode == 2
+    assert "was written by a different configuration (differs in: model.width)" in r.stderr
+    assert (cfg.run_dir() / "metrics.jsonl").read_text() == before  # nothing lost or rewritten
