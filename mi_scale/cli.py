@@ -10,11 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mi_scale.config import ConfigError
-
-
-class UserError(Exception):
-    """An error the user can fix; printed without a traceback."""
+from mi_scale.errors import UserError, user_errors
 
 
 def _add_config_args(p: argparse.ArgumentParser, config_required: bool = False) -> None:
@@ -30,16 +26,6 @@ def _add_launch_args(p: argparse.ArgumentParser) -> None:
                         "or one rank under torchrun/deepspeed when RANK is set")
     p.add_argument("--address", default=None,
                    help="existing Ray cluster: 'auto' or 'ray://host:10001' (default: embedded local Ray)")
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Errors a user can fix: printed as one line, exit status 2."""
-    from mi_scale.data import DataError
-    from mi_scale.mi import RegularizerError
-    from mi_scale.mi.estimators import EstimatorError
-    from mi_scale.models.errors import ModelError
-    from mi_scale.train.checkpoint import CheckpointError
-    return (ConfigError, UserError, DataError, ModelError, RegularizerError, EstimatorError, CheckpointError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return _dispatch(args)
-    except _user_errors() as e:
+    except user_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -13,6 +13,10 @@ import torch
 import torch.distributed as dist
 
 
+# torch >= 2.12 renamed all_gather_into_tensor; keep working on older releases.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
 def world(group=None) -> tuple[int, int]:
     """(rank, world_size) of the group, (0, 1) without a process group."""
     if dist.is_available() and dist.is_initialized():
@@ -39,7 +43,7 @@ class _GatherRows(torch.autograd.Function):
         block_nC = block_nC.contiguous()
         out = torch.empty((ctx.world * block_nC.shape[0], *block_nC.shape[1:]),
                           dtype=block_nC.dtype, device=block_nC.device)
-        dist.all_gather_into_tensor(out, block_nC, group=group)
+        _all_gather_single(out, block_nC, group=group)
         return out
 
     @staticmethod
@@ -65,7 +69,7 @@ def gather_rows(x_nC: torch.Tensor, group=None, differentiable: bool = True) -> 
         return x_nC
     n_local = torch.tensor([x_nC.shape[0]], dtype=torch.int64, device=x_nC.device)
     sizes = torch.empty(size, dtype=torch.int64, device=x_nC.device)
-    dist.all_gather_into_tensor(sizes, n_local, group=group)
+    _all_gather_single(sizes, n_local, group=group)
     sizes = sizes.tolist()
     n_max = max(sizes)
     padded = torch.nn.functional.pad(x_nC, (0, 0, 0, n_max - x_nC.shape[0]))
@@ -73,7 +77,7 @@ def gather_rows(x_nC: torch.Tensor, group=None, differentiable: bool = True) -> 
         gathered = _GatherRows.apply(padded, group)
     else:
         gathered = torch.empty((size * n_max, x_nC.shape[1]), dtype=x_nC.dtype, device=x_nC.device)
-        dist.all_gather_into_tensor(gathered, padded.detach().contiguous(), group=group)
+        _all_gather_single(gathered, padded.detach().contiguous(), group=group)
     return torch.cat([gathered[r * n_max: r * n_max + s] for r, s in enumerate(sizes)])
 
 

@@ -72,7 +72,7 @@ class Tracker:
             id_file.write_text(run_id)
             self.wandb = wandb.init(project=project, id=run_id, resume="allow", mode=mode,
                                     dir=str(self.run_dir), config=cfg_dict, group=group,
-                                    name=cfg_dict["run"]["name"], settings=wandb.Settings(silent=True))
+                                    name=cfg_dict["run"]["name"], settings=wandb.Settings(silent=True, console="off"))
 
     @property
     def wandb_id(self) -> str | None:
