@@ -14,6 +14,7 @@ rows, bf16 input.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -47,14 +48,16 @@ def _check_pair(x_NK: torch.Tensor, y_NK: torch.Tensor) -> None:
         raise EstimatorError(f"need at least 2 rows to estimate MI, got {x_NK.shape[0]}")
 
 
+@functools.lru_cache(maxsize=4096)
 def _gaussian_logdet_bias(d: int, n: int) -> float:
     """E[log det S] - log det Sigma for the sample covariance S of n Gaussian
-    rows in d dims (Wishart with n-1 dof). Defined when n - 1 > d - 1."""
-    if n - d < 1:
+    rows in d dims (Wishart with n-1 dof). Defined when n - 1 > d - 1.
+    Cached: it is called for the same (d, n) every training step."""
+    if n - d < 1 or d == 0:
         return 0.0
     dof = n - 1
-    return d * math.log(2.0 / dof) + sum(torch.special.digamma(torch.tensor((dof - i) / 2.0, dtype=torch.float64)).item()
-                                         for i in range(d))
+    half = (dof - torch.arange(d, dtype=torch.float64)) / 2.0
+    return d * math.log(2.0 / dof) + float(torch.special.digamma(half).sum())
 
 
 class GaussianMI(nn.Module):
@@ -83,12 +86,13 @@ class GaussianMI(nn.Module):
         n, dx, dy = x_NK.shape[0], x_NK.shape[1], y_NK.shape[1]
         z_ND = _standardize(torch.cat([x_NK, y_NK], 1).to(torch.float64))
         corr_DD = z_ND.T @ z_ND / n
+        # Constant columns carry no information and add no sampling bias:
+        # only varying ones (unit diagonal after standardizing) count below.
+        varying = torch.diagonal(corr_DD).detach() > 0.5
         eye = torch.eye(dx + dy, dtype=corr_DD.dtype, device=corr_DD.device)
         corr_DD = (1 - self.shrinkage) * corr_DD + self.shrinkage * eye
         mi = 0.5 * (_logdet_spd(corr_DD[:dx, :dx]) + _logdet_spd(corr_DD[dx:, dx:]) - _logdet_spd(corr_DD))
-        # Constant columns carry no information and add no sampling bias:
-        # count only the varying ones (a constant layer then gives exactly 0).
-        ex, ey = (int((t.detach().std(0) > 0).sum()) for t in (x_NK, y_NK))
+        ex, ey = int(varying[:dx].sum()), int(varying[dx:].sum())
         if self.bias_correction and n > ex + ey + 1:
             mi = mi - 0.5 * (_gaussian_logdet_bias(ex, n) + _gaussian_logdet_bias(ey, n)
                              - _gaussian_logdet_bias(ex + ey, n))
