@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+from pathlib import Path
 import sys
 
 import pytest
@@ -89,3 +90,13 @@ def test_cli_help_lists_subcommands():
     assert r.returncode == 0
     for cmd in ("train", "resume", "report", "bench", "sweep", "mi-check"):
         assert cmd in r.stdout
+
+
+def test_shipped_configs_validate():
+    root = Path(__file__).resolve().parents[1] / "configs"
+    shipped = sorted(root.glob("*.yaml"))
+    assert [p.name for p in shipped] == ["gpt-125m-zero3.yaml", "mnist1d-mlp.yaml", "tiny-gpt-text.yaml"]
+    for p in shipped:
+        config.load(p)
+    # the embedded default is what configs/mnist1d-mlp.yaml spells out
+    assert config.load(root / "mnist1d-mlp.yaml") == config.load(None)

@@ -161,3 +161,37 @@ def test_contract_is_exact_in_float64():
         torch.set_default_dtype(torch.float32)
     for i, ref in enumerate(refs):
         assert_same([res[0][i], res[1][i]], ref, rtol_mi=1e-12, rtol_grad=1e-10)
+
+
+def accumulated(rank: int, world: int, sizes: list[int], micro: int = 2):
+    """Gradient accumulation as DeepSpeed does it: each micro-batch's
+    (task + MI term) / micro, gradients summed, then averaged over ranks.
+    The MI term of a micro-batch is estimated on that micro-batch gathered
+    over all ranks."""
+    torch.manual_seed(0)
+    model = make_mlp()
+    reg = MIRegularizer(model, ["blocks.*"], sketch_dim=4, weight=0.5, seed=7)
+    x_all, y_all = global_batch("mlp", sum(sizes) * micro)
+    for m in range(micro):
+        lo = m * sum(sizes) + sum(sizes[:rank])
+        x, y = x_all[lo:lo + sizes[rank]], y_all[lo:lo + sizes[rank]]
+        task = F.cross_entropy(model(x), y, reduction="sum") / sum(sizes) * world
+        reg_loss, _ = reg.loss(STEP)
+        ((task + reg_loss) / micro).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    if world > 1:
+        for g in grads.values():
+            dist.all_reduce(g)
+            g /= world
+    return grads
+
+
+def test_gradient_accumulation_semantics():
+    res = run_world(2, accumulated, [10, 10])
+    ref = accumulated(0, 1, [20])
+    for name, g in ref.items():
+        for r in range(2):
+            torch.testing.assert_close(res[r][name], g, rtol=1e-4, atol=1e-4 * float(g.abs().max()))
+    # and it is not the same as one big batch of 40 (the MI term is per micro-batch)
+    big = accumulated(0, 1, [40], micro=1)
+    assert any(not torch.allclose(big[n], ref[n], rtol=1e-3) for n in ref)

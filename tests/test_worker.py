@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -239,3 +240,18 @@ def test_checkpoint_from_another_config_is_refused(tmp_path):
     assert r.returncode == 2
     assert "was written by a different configuration (differs in: model.width)" in r.stderr
     assert (cfg.run_dir() / "metrics.jsonl").read_text() == before  # nothing lost or rewritten
+
+
+def test_tiny_gpt_text_config_under_torchrun(tmp_path):
+    cfg = config_mod.load(REPO / "configs" / "tiny-gpt-text.yaml",
+                          [f"run.output_dir={tmp_path}", "train.steps=6", "train.eval_every=6",
+                           "train.checkpoint_every=6", "train.log_every=2", "tracking.wandb=disabled"])
+    config_mod.save(cfg, tmp_path / "gpt.yaml")
+    r = _torchrun(tmp_path / "gpt.yaml")
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = metrics(cfg.run_dir())
+    assert [x["step"] for x in rows] == list(range(1, 7))
+    assert all(x["tokens_per_s"] == pytest.approx(x["samples_per_s"] * 64) for x in rows)
+    assert len([k for k in rows[-1] if k.startswith("mi/")]) == 3  # 4 blocks -> 3 pairs
+    ev = metrics(cfg.run_dir(), "eval")[-1]
+    assert ev["eval_ppl"] == pytest.approx(math.exp(ev["eval_loss"]), rel=1e-9)

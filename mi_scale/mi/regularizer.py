@@ -94,8 +94,11 @@ class Schedule:
 # linearly dependent, and its gradient grows like 1/shrinkage: training then
 # collapses the layers instead of learning the task (measured on MNIST-1D).
 # A shrinkage of 0.1 bounds each pair by k/2 log 10 and keeps gradients
-# tame. Pass estimator_kwargs={"shrinkage": ...} to override.
-TRAINING_ESTIMATOR_DEFAULTS = {"gaussian": {"shrinkage": 0.1}}
+# tame. The Wishart bias correction is exact only without shrinkage; with
+# it the corrected value can go negative, and a negative weight then pushes
+# "MI" below zero, so it is off here (the estimate stays >= 0). Pass
+# estimator_kwargs to override either.
+TRAINING_ESTIMATOR_DEFAULTS = {"gaussian": {"shrinkage": 0.1, "bias_correction": False}}
 
 
 class MIRegularizer(nn.Module):

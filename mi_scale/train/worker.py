@@ -161,7 +161,9 @@ def run_worker(cfg: Config, resume: bool = False, on_checkpoint=None, report=Non
             mi_values: dict[str, float] = {}
             for _ in range(t.grad_accum):
                 b = batches.next_batch()
-                loss, task_loss, reg_loss, mi = engine(b["x"].to(dev), b["y"].to(dev), step)
+                # The regularizer sees the logged (1-based) step number, so its
+                # mi.every / mi.log_every steps line up with train.log_every.
+                loss, task_loss, reg_loss, mi = engine(b["x"].to(dev), b["y"].to(dev), step + 1)
                 engine.backward(loss)
                 engine.step()
                 sums += torch.stack([loss.detach(), task_loss, reg_loss]).double()
