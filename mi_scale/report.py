@@ -327,6 +327,30 @@ def summarize(runs: list[Run], target_accuracy: Optional[float] = None) -> dict:
                         "hurt" if _finite(lo) and worse_high else "inconclusive")
         comparisons[arm] = w
 
+    # Direction controls: arms identical but for the sign of mi.weight. If
+    # lowering MI helps as much as raising it, a gain over the baseline is not
+    # evidence for the raise-MI mechanism (the term may just add gradient
+    # signal to deep layers).
+    controls = []
+    cfgs = {arm: _arm_config(rs) for arm, rs in arms.items()}
+    for up, cu in cfgs.items():
+        w = cu.get("mi.weight")
+        if not isinstance(w, (int, float)) or w <= 0:
+            continue
+        for down, cd in cfgs.items():
+            rest_equal = {k: v for k, v in cu.items() if k != "mi.weight"} == \
+                         {k: v for k, v in cd.items() if k != "mi.weight"}
+            if rest_equal and cd.get("mi.weight") == -w:
+                c = welch_interval(per_arm[up]["final_metric_per_seed"], per_arm[down]["final_metric_per_seed"])
+                lo, hi = c["ci95"]
+                raise_better = lo > 0 if higher else hi < 0
+                lower_better = hi < 0 if higher else lo > 0
+                c.update(raise_arm=up, lower_arm=down, weight=w,
+                         verdict=("raising MI better" if _finite(lo) and raise_better else
+                                  "lowering MI better" if _finite(lo) and lower_better else
+                                  "no difference detected"))
+                controls.append(c)
+
     anchor = {}
     for arm, rs in arms.items():
         if "shallow" in arm:
@@ -340,6 +364,7 @@ def summarize(runs: list[Run], target_accuracy: Optional[float] = None) -> dict:
         "baseline_config": base_cfg,
         "arms": per_arm,
         "comparisons": comparisons,
+        "direction_controls": controls,
         "sanity_anchor": {"paper_mnist1d_accuracy": MNIST1D_PAPER_ACCURACY, "arms": anchor},
     }
 
@@ -467,6 +492,16 @@ def _markdown(summary: dict, plot_names: list[str]) -> str:
                  f"it {speed}.")
     if not summary["comparisons"]:
         L.append("- Only one arm ran: nothing to compare.")
+    if summary.get("direction_controls"):
+        L += ["", "### Direction control", "",
+              "Arms that differ only in the sign of `mi.weight` (raising minus lowering MI). If lowering "
+              "MI helps about as much as raising it, a gain over the baseline does not support the "
+              "raise-MI mechanism: the term may act as extra gradient signal for deep layers.", ""]
+        for c in summary["direction_controls"]:
+            lo, hi = c["ci95"]
+            L.append(f"- {c['raise_arm']} vs {c['lower_arm']} (|weight| {c['weight']:g}): "
+                     f"**{c['verdict']}** (diff {_f(c['diff'], '+.4f')}, 95% CI [{_f(lo, '+.4f')}, "
+                     f"{_f(hi, '+.4f')}], d = {_f(c['cohens_d'], '.2f')}).")
 
     anchor = summary["sanity_anchor"]
     paper = ", ".join(f"{k} {v:.0%}" for k, v in anchor["paper_mnist1d_accuracy"].items())

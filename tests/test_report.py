@@ -249,3 +249,18 @@ def test_mi_heatmap_handles_nan_and_checks_shape(tmp_path):
         assert p.read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(ValueError, match=r"\(3, 4\)"):
         plots.mi_heatmap(PAIRS, [0, 10, 20, 30], np.zeros((4, 3)), tmp_path / "bad.png")
+
+
+def test_direction_control_compares_raise_and_lower_arms(tmp_path):
+    runs = []
+    for seed in range(3):
+        runs.append(make_run(tmp_path, "baseline", seed, 0.40 + 0.01 * seed, 60, 1.0))
+        runs.append(make_run(tmp_path, "up", seed, 0.70 + 0.01 * seed, 60, 3.0, weight=0.1))
+        runs.append(make_run(tmp_path, "down", seed, 0.70 + 0.01 * seed, 60, 0.5, weight=-0.1))
+    md = write_report(runs, tmp_path / "report").read_text()
+    summary = json.loads((tmp_path / "report" / "summary.json").read_text())
+    (c,) = summary["direction_controls"]
+    assert (c["raise_arm"], c["lower_arm"], c["weight"]) == ("up", "down", 0.1)
+    assert c["diff"] == pytest.approx(0.0, abs=1e-12) and c["verdict"] == "no difference detected"
+    assert summary["comparisons"]["up"]["verdict"] == summary["comparisons"]["down"]["verdict"] == "helped"
+    assert "- up vs down (|weight| 0.1): **no difference detected**" in md
