@@ -232,19 +232,19 @@ class Config:
     def run_dir(self) -> Path:
         return Path(self.run.output_dir) / self.run.name
 
-    def training_hash(self) -> str:
-        """Hash of what must match for a checkpoint to resume: model, mi, data
-        and optimizer shape. Steps, logging and cluster settings may change."""
+    def training_keys(self) -> dict:
+        """What must match for a checkpoint to resume, as flat dotted keys:
+        model, data, MI term and optimizer shape. Steps, logging, tracking and
+        cluster settings may change."""
         d = self.to_dict()
-        keep = {
-            "model": d["model"],
-            "mi": {k: v for k, v in d["mi"].items() if k not in ("log_every",)},
-            "data": d["data"],
-            "train": {k: d["train"][k] for k in ("lr", "weight_decay", "grad_accum", "precision")},
-            "deepspeed": {"zero_stage": d["deepspeed"]["zero_stage"]},
-            "seed": d["run"]["seed"],
-        }
-        return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+        keys = {f"{sec}.{k}": v for sec in ("model", "data", "mi") for k, v in d[sec].items()
+                if (sec, k) != ("mi", "log_every")}
+        keys.update({f"train.{k}": d["train"][k] for k in ("lr", "weight_decay", "grad_accum", "precision")})
+        keys.update({"deepspeed.zero_stage": d["deepspeed"]["zero_stage"], "run.seed": d["run"]["seed"]})
+        return keys
+
+    def training_hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.training_keys(), sort_keys=True).encode()).hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------

@@ -96,14 +96,14 @@ def save(engine, run_dir: Path, step: int, meta: dict, rank_state: dict, keep_la
     return final
 
 
-def check_compatible(meta: dict, training_hash: str, world_size: int, ckpt: Path, training_keys: dict) -> None:
+def check_compatible(meta: dict, world_size: int, ckpt: Path, training_keys: dict) -> None:
     """Refuse, before any training, a checkpoint this run cannot continue."""
-    if meta.get("config_hash") != training_hash:
-        old = meta.get("training_keys", {})
-        diff = sorted(k for k in set(old) | set(training_keys) if old.get(k) != training_keys.get(k))
+    old = meta.get("training_keys", {})
+    diff = sorted(k for k in set(old) | set(training_keys) if old.get(k) != training_keys.get(k))
+    if diff:
         raise CheckpointError(
             f"checkpoint {ckpt} was written by a different configuration (differs in: "
-            f"{', '.join(diff) or 'unknown fields'}); resume with the run's own config.yaml, or start a new "
+            f"{', '.join(diff)}); resume with the run's own config.yaml, or start a new "
             f"run with another run.name")
     if meta.get("world_size") != world_size:
         raise CheckpointError(
@@ -112,7 +112,7 @@ def check_compatible(meta: dict, training_hash: str, world_size: int, ckpt: Path
             f"per rank, and the data order is per-rank)")
 
 
-def load_latest(engine, run_dir: Path, training_hash: str, world_size: int, training_keys: dict):
+def load_latest(engine, run_dir: Path, world_size: int, training_keys: dict):
     """Load the newest checkpoint every rank can read; returns (meta, rank_state)
     or (None, None) when there is none. Corrupt checkpoints are skipped with
     a warning; incompatible ones raise CheckpointError."""
@@ -123,7 +123,7 @@ def load_latest(engine, run_dir: Path, training_hash: str, world_size: int, trai
         except (OSError, ValueError) as e:
             warnings.warn(f"skipping checkpoint {ckpt}: unreadable {META} ({e})")
             continue
-        check_compatible(meta, training_hash, world_size, ckpt, training_keys)
+        check_compatible(meta, world_size, ckpt, training_keys)
         ok, rank_state = True, None
         try:
             path, _ = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_lr_scheduler_states=True)

@@ -65,13 +65,6 @@ def build_objective(cfg: Config, bundle):
     return Objective(model, reg, bundle.task)
 
 
-def _training_keys(cfg: Config) -> dict:
-    d = cfg.to_dict()
-    return {f"{sec}.{k}": v for sec in ("model", "mi", "data") for k, v in d[sec].items()
-            if k != "log_every"} | {f"train.{k}": d["train"][k] for k in ("lr", "weight_decay", "grad_accum", "precision")} \
-        | {"deepspeed.zero_stage": d["deepspeed"]["zero_stage"], "run.seed": d["run"]["seed"]}
-
-
 @torch.no_grad()
 def evaluate(engine, test_set, cfg: Config, rank: int, world: int) -> dict:
     """Held-out loss and accuracy (classification) or perplexity (LM), over
@@ -108,10 +101,10 @@ def _peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def run_worker(cfg: Config, resume: bool = False, on_checkpoint=None, report=None) -> dict:
-    """Train on this rank. `on_checkpoint(path, step)` and `report(metrics)`
-    are hooks for the orchestrator (Ray) and are called on every rank.
-    Returns the final summary (same on every rank)."""
+def run_worker(cfg: Config, resume: bool = False, on_checkpoint=None) -> dict:
+    """Train on this rank. `on_checkpoint(path, step, metrics)` is the
+    orchestrator's hook (Ray reports the checkpoint), called on every rank
+    after each checkpoint. Returns the final summary (same on every rank)."""
     from mi_scale.data import ShardedBatches, build_data
     from mi_scale.train.engine import build_engine
 
@@ -129,9 +122,8 @@ def run_worker(cfg: Config, resume: bool = False, on_checkpoint=None, report=Non
     seed_everything(cfg.run.seed * 1000 + rank + 1)  # per-rank streams (dropout)
 
     start_step, samples_seen = 0, 0
-    training_hash = cfg.training_hash()
     if resume:
-        meta, rank_state = checkpoint.load_latest(engine, run_dir, training_hash, world, _training_keys(cfg))
+        meta, rank_state = checkpoint.load_latest(engine, run_dir, world, cfg.training_keys())
         if meta is not None:
             start_step, samples_seen = meta["step"], meta["samples_seen"]
             batches.load_state_dict(rank_state["data"])
@@ -198,16 +190,14 @@ def run_worker(cfg: Config, resume: bool = False, on_checkpoint=None, report=Non
                     print(f"eval  {done:>6}/{t.steps} | " + " | ".join(
                         f"{k} {v:.4f}" for k, v in last_eval.items() if k != "split"), flush=True)
             if done % t.checkpoint_every == 0 or done == t.steps:
-                meta = {"samples_seen": samples_seen, "world_size": world, "config_hash": training_hash,
-                        "training_keys": _training_keys(cfg), "wandb_id": tracker.wandb_id if tracker else None,
+                meta = {"samples_seen": samples_seen, "world_size": world, "config_hash": cfg.training_hash(),
+                        "training_keys": cfg.training_keys(), "wandb_id": tracker.wandb_id if tracker else None,
                         "version": __version__, "data_position": batches.state_dict()}
                 path = checkpoint.save(engine, run_dir, done, meta,
                                        {"rng": checkpoint.rng_state(), "data": batches.state_dict()}, t.keep_last,
                                        kill_at=cfg.fault.kill_during_checkpoint)
                 if on_checkpoint is not None:
                     on_checkpoint(path, done, {**row, **last_eval})
-            elif report is not None:
-                report({**row, "step": done})
     finally:
         if tracker is not None:
             tracker.heatmap(t.steps, force=True)
