@@ -230,6 +230,7 @@ def test_hub_unreachable_fails_fast_with_cache_hint(monkeypatch):
 def test_probe_gives_up_within_its_deadline(monkeypatch):
     def hang(*args, **kwargs):  # a DNS lookup or connect that never answers
         time.sleep(30)
+        raise OSError("timed out")
 
     monkeypatch.setattr(hub.socket, "create_connection", hang)
     t0 = time.monotonic()
