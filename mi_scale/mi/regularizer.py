@@ -256,7 +256,7 @@ class MIRegularizer(nn.Module):
         (0, {}) on steps the schedule skips. Releases the captured sketches.
         """
         mode = self.schedule.mode(step)
-        sketches, fired = self._sketches, getattr(self, "_fired", [])
+        sketches, fired = self._sketches, self._fired
         self._sketches, self._fired = {}, []
         device = next(iter(sketches.values())).device if sketches else torch.device("cpu")
         if mode == "skip":
@@ -286,12 +286,14 @@ class MIRegularizer(nn.Module):
         reg = gathered.sum() * 0.0  # keeps every rank in the backward collective
         for p, owner in enumerate(owners):
             if owner != rank:
-                if grad and self.critics:
+                if self.critics:
                     # Critics of pairs owned elsewhere get an exact zero
                     # gradient here, so every rank reduces the same set of
                     # gradients. A module call (not p.sum()) so that ZeRO-3
-                    # gathers the partitioned parameters first.
-                    reg = reg + 0.0 * self._estimator_for(p)(per_layer[p][:2], per_layer[p + 1][:2])
+                    # gathers the partitioned parameters first and sees the
+                    # same sequence of module calls on every rank.
+                    with torch.set_grad_enabled(grad):
+                        reg = reg + 0.0 * self._estimator_for(p)(per_layer[p][:2], per_layer[p + 1][:2])
                 continue
             est = self._estimator_for(p)
             with torch.set_grad_enabled(grad):
@@ -306,10 +308,3 @@ class MIRegularizer(nn.Module):
                 reg = reg - w_p * mi * size
         values = all_reduce_sum(values, self.group)
         return reg, dict(zip(self.pair_names, values.tolist()))
-
-    def comm_floats_per_step(self, global_rows: int, widths: list[int] | None = None) -> dict[str, int]:
-        """Floats each rank receives per step: sketches vs raw sampled activations."""
-        layers = len(self._order or self.layer_names)
-        sketch = global_rows * self.k * layers
-        raw = global_rows * sum(widths) if widths else None
-        return {"sketch": sketch, "raw": raw}
