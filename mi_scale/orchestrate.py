@@ -111,7 +111,11 @@ def _train_loop(loop_config: dict) -> None:
         from ray.train import Checkpoint
         is_rank0 = ray.train.get_context().get_world_rank() == 0
         # Every worker reports (Ray Train synchronizes reports); rank 0 attaches the checkpoint.
-        ray.train.report({"step": step, **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}},
+        # A few headline numbers only: Ray echoes every report to the console,
+        # and the full per-step record is in metrics.jsonl and wandb.
+        headline = {k: metrics[k] for k in ("loss", "task_loss", "mi_mean", "eval_loss", "eval_accuracy")
+                    if k in metrics}
+        ray.train.report({"step": step, **headline},
                          checkpoint=Checkpoint.from_directory(str(path)) if is_rank0 else None)
 
     run_worker(cfg, resume=resume, on_checkpoint=on_checkpoint)
