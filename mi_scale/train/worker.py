@@ -223,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("config")
     p.add_argument("--set", dest="overrides", action="append", default=[])
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                   help=argparse.SUPPRESS)  # passed by the deepspeed launcher; LOCAL_RANK env is used
     args = p.parse_args(argv)
     cfg = config_mod.load(args.config, args.overrides)
     summary = run_worker(cfg, resume=args.resume)
