@@ -109,14 +109,13 @@ def _run(case: str, world: int, steps: int, k: int, p: int) -> dict:
     if world == 1:
         torch.set_num_threads(1)
         return _measure(0, 1, case, steps, k, p)
-    import socket
     import tempfile
 
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from mi_scale.train.dist_env import free_port
+
+    port = free_port()
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "res.pt")
         mp.start_processes(_rank_entry, args=(world, port, case, steps, k, p, out), nprocs=world,

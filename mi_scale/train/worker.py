@@ -192,7 +192,7 @@ def run_worker(cfg: Config, resume: bool = False, on_checkpoint=None) -> dict:
             if done % t.checkpoint_every == 0 or done == t.steps:
                 meta = {"samples_seen": samples_seen, "world_size": world, "config_hash": cfg.training_hash(),
                         "training_keys": cfg.training_keys(), "wandb_id": tracker.wandb_id if tracker else None,
-                        "version": __version__, "data_position": batches.state_dict()}
+                        "version": __version__}  # data position and RNG: per rank, in rank-XXXX.pt
                 path = checkpoint.save(engine, run_dir, done, meta,
                                        {"rng": checkpoint.rng_state(), "data": batches.state_dict()}, t.keep_last,
                                        kill_at=cfg.fault.kill_during_checkpoint)
