@@ -133,7 +133,9 @@ class TrainConfig:
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     grad_clip: float = 1.0  # 0 disables
     grad_accum: int = 1
-    precision: Literal["fp32", "bf16"] = "fp32"
+    # auto: bf16 on a GPU that supports it, fp32 on CPU (where bf16 matmuls
+    # were measured 100x slower than fp32; `mi-scale bench peak` shows yours)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     activation_checkpointing: bool = False
     eval_every: int = 100
     eval_batches: int = 0  # 0 = whole held-out split
@@ -154,19 +156,39 @@ class TrainConfig:
             _check(v >= 1, f"{p}.{name}", v, f"use {name} >= 1")
 
 
+OFFLOAD_DEVICES = ("none", "cpu", "nvme")
+
+
 @dataclass
 class DeepSpeedConfig:
     zero_stage: int = 2
-    offload_optimizer: bool = False  # ZeRO-3 (or 2) optimizer state on CPU
-    offload_params: bool = False  # ZeRO-3 parameters on CPU
+    # where ZeRO keeps optimizer state (+ fp32 master weights) and, at stage 3,
+    # parameters: none (the device), cpu (host RAM), nvme (files under
+    # nvme_path, ZeRO-Infinity; needs libaio). true/false mean cpu/none.
+    offload_optimizer: Literal["none", "cpu", "nvme"] | bool = "none"
+    offload_params: Literal["none", "cpu", "nvme"] | bool = "none"
+    nvme_path: Optional[str] = None  # default: <run dir>/offload (use a local SSD)
+    # elements per communication bucket; None sizes them from the model and
+    # the memory (mi_scale/train/memory.py) instead of DeepSpeed's GPU defaults
+    bucket_elements: Optional[int] = None
     extra: dict = field(default_factory=dict)  # merged last into the DeepSpeed JSON
+
+    def __post_init__(self):
+        for name in ("offload_optimizer", "offload_params"):
+            v = getattr(self, name)
+            if isinstance(v, bool):
+                setattr(self, name, "cpu" if v else "none")
 
     def validate(self, p: str) -> None:
         _check(self.zero_stage in (0, 1, 2, 3), f"{p}.zero_stage", self.zero_stage, "use 0, 1, 2 or 3")
-        _check(not self.offload_params or self.zero_stage == 3, f"{p}.offload_params",
+        _check(self.offload_params == "none" or self.zero_stage == 3, f"{p}.offload_params",
                self.offload_params, "parameter offload needs deepspeed.zero_stage=3")
-        _check(not self.offload_optimizer or self.zero_stage >= 1, f"{p}.offload_optimizer",
+        _check(self.offload_optimizer == "none" or self.zero_stage >= 1, f"{p}.offload_optimizer",
                self.offload_optimizer, "optimizer offload needs deepspeed.zero_stage >= 1")
+        _check(self.offload_optimizer != "nvme" or self.zero_stage == 3, f"{p}.offload_optimizer",
+               self.offload_optimizer, "NVMe offload (ZeRO-Infinity) needs deepspeed.zero_stage=3")
+        _check(self.bucket_elements is None or self.bucket_elements >= 1, f"{p}.bucket_elements",
+               self.bucket_elements, "use a positive element count, or null to size from the model")
 
 
 @dataclass

@@ -101,7 +101,7 @@ def test_small_gpt_param_counts():
 
 
 @pytest.mark.parametrize("preset, expected", [
-    ("gpt-125m", 124e6), ("gpt-350m", 355e6), ("gpt-1.3b", 1.3e9), ("gpt-7b", 6.7e9)])
+    ("gpt-125m", 124e6), ("gpt-350m", 355e6), ("gpt-1b", 1.11e9), ("gpt-1.3b", 1.3e9), ("gpt-7b", 6.7e9)])
 def test_large_gpt_param_counts_on_meta(preset, expected):
     model = build_gpt(preset, device="meta")
     assert next(model.parameters()).device.type == "meta"
@@ -112,7 +112,8 @@ def test_large_gpt_param_counts_on_meta(preset, expected):
 def test_gpt_weight_tying_and_block_outputs():
     torch.manual_seed(0)
     model = build_gpt("gpt-1m", vocab_size=256, seq_len=16)
-    assert model.lm_head.weight is model.tok_emb.weight
+    x_ND = torch.randn(2, 128)
+    assert torch.equal(model.lm_head(x_ND), x_ND @ model.tok_emb.weight.T)  # tied
     names = {n for n, _ in model.named_parameters()}
     assert "tok_emb.weight" in names and "lm_head.weight" not in names  # counted once
     seen = record_outputs(model, "blocks.*")
@@ -202,7 +203,7 @@ def test_unknown_preset_error_message():
         build_model(ModelConfig(kind="gpt", preset="gpt-125"), vocab_size=256, seq_len=16)
     assert str(e.value) == (
         "model.preset: invalid value 'gpt-125': expected one of 'gpt-1m', 'gpt-5m', 'gpt-125m', "
-        "'gpt-350m', 'gpt-1.3b', 'gpt-7b' (did you mean 'gpt-125m'?)")
+        "'gpt-350m', 'gpt-1b', 'gpt-1.3b', 'gpt-7b' (did you mean 'gpt-125m'?)")
     assert isinstance(e.value, ValueError)
 
 

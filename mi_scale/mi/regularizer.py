@@ -2,6 +2,7 @@
 
     reg = MIRegularizer(model, layers=["blocks.*"], estimator="gaussian",
                         sketch_dim=64, tokens_per_sample=8, weight=0.1, seed=0)
+    reg.set_step(step)                      # optional: hooks keep only the P sampled tokens
     out = model(x)                          # hooks sketch the hooked layers
     reg_loss, mi_by_pair = reg.loss(step)   # scaled for data parallelism
     (task_loss + reg_loss).backward()
@@ -134,6 +135,7 @@ class MIRegularizer(nn.Module):
         self._shared_estimator = None if estimator == "infonce" else estimators.build(estimator, **self.estimator_kwargs)
         self._order: list[str] | None = None  # hooked layers in forward-execution order
         self._sketches: dict[str, torch.Tensor] = {}
+        self._capture_step: int | None = None  # set_step(): select tokens in the hook
         self._armed = False
         self._fired: list[str] = []
         self._model = [model]  # a list, so the model is not registered as a submodule
@@ -164,11 +166,23 @@ class MIRegularizer(nn.Module):
             if not torch.is_tensor(h):
                 raise RegularizerError(f"layer {name!r} returned {type(h).__name__}; hook a module "
                                        "whose output is a tensor")
-            s_NTK = self.sketcher.project(name, as_tokens(h))
+            h_NTD = as_tokens(h)
+            if self._capture_step is not None:  # keep P tokens: O(batch x P x k) per layer
+                h_NTD = select_tokens(h_NTD, token_fractions(self.seed, self._capture_step,
+                                                             self.tokens_per_sample))
+            s_NTK = self.sketcher.project(name, h_NTD)
             if self._armed and name not in self._sketches:
                 self._sketches[name] = s_NTK  # the sketch, never the full activation
                 self._fired.append(name)
         return hook
+
+    def set_step(self, step: int) -> None:
+        """Announce the step of the next forward pass, so that the hooks
+        select its P token positions before projecting: captured sketches
+        are then (n, P, k) instead of (n, T, k), and the projection costs P/T
+        as much. Optional; once called, call it before every forward, since
+        `loss(step)` must be called with the announced step."""
+        self._capture_step = step
 
     def remove(self) -> None:
         """Remove every hook this regularizer registered."""
@@ -184,11 +198,16 @@ class MIRegularizer(nn.Module):
         return [f"{a}->{b}" for a, b in zip(order[:-1], order[1:])]
 
     @torch.no_grad()
-    def discover(self, *example_args, **example_kwargs) -> list[str]:
+    def discover(self, *example_args, shape_model: nn.Module | None = None, **example_kwargs) -> list[str]:
         """Run one forward to learn the execution order and widths of the
         hooked layers and create trainable parts (learned sketches, critics).
-        Call before building the optimizer when those are used."""
-        model = self._model[0]
+        Call before building the optimizer when those are used.
+
+        `shape_model`: run that forward on a model with the same module names
+        instead, e.g. a meta-device twin (with meta example inputs) when the
+        real model is ZeRO-3 partitioned and cannot run outside its engine."""
+        real = self._model[0]
+        model = shape_model if shape_model is not None else real
         widths: dict[str, int] = {}
         handles = []
         modules = dict(model.named_modules())
@@ -209,8 +228,8 @@ class MIRegularizer(nn.Module):
             self.sketcher.kind = saved
             for h in handles:
                 h.remove()
-        self._set_order(self._fired)
-        device = next(model.parameters()).device
+        self._set_order(list(widths))  # dicts keep insertion order: the firing order
+        device = next(real.parameters()).device
         for name in self._order:
             self.sketcher.add_layer(name, widths[name], device=device)
         if self.estimator_name == "infonce":
@@ -257,6 +276,12 @@ class MIRegularizer(nn.Module):
         """
         mode = self.schedule.mode(step)
         sketches, fired = self._sketches, self._fired
+        selected = self._capture_step is not None
+        if selected and self._capture_step != step:
+            raise RegularizerError(f"loss(step={step}) after set_step({self._capture_step}): the hooks "
+                                   "sampled the token positions of another step")
+        # _capture_step stays: activation checkpointing re-runs the hooks in
+        # backward, and they must select the same tokens as in forward
         self._sketches, self._fired = {}, []
         device = next(iter(sketches.values())).device if sketches else torch.device("cpu")
         if mode == "skip":
@@ -267,7 +292,8 @@ class MIRegularizer(nn.Module):
 
         # One all-gather for all layers: (n, (L+1) K) -> (N, (L+1) K).
         fractions = token_fractions(self.seed, step, self.tokens_per_sample)
-        local = torch.cat([select_tokens(sketches[name], fractions).float() for name in self._order], 1)
+        local = torch.cat([(sketches[name] if selected else select_tokens(sketches[name], fractions)).float()
+                           for name in self._order], 1)
         if not grad:
             local = local.detach()
         gathered = gather_rows(local, self.group, differentiable=grad)

@@ -7,7 +7,14 @@ an lm head tied to the token embedding.
 Module names the MI regularizer hooks:
     tok_emb, pos_emb   embeddings
     blocks.i           output = residual stream after block i, shape (N, T, D)
-    ln_f, lm_head      final norm and tied output projection
+    ln_f               final norm; `lm_head(x)` is the tied output projection
+
+Every layer initializes itself in its constructor (GPT-2 init: N(0, 0.02),
+residual projections N(0, 0.02 / sqrt(2 n_layer)), zero biases). No pass over
+the finished model is needed, so the model can be built under DeepSpeed's
+partitioned initialization (`deepspeed.zero.Init`): each layer is drawn in
+full, sharded, and freed before the next one exists, and no rank ever holds
+the whole model. The seeded weights are the same with or without it.
 
 Shape legend: N batch, T time (tokens), D model width, H heads,
 C head width (D / H), V vocab.
@@ -46,9 +53,39 @@ PRESETS: dict[str, GPTConfig] = {
     "gpt-5m": GPTConfig(vocab_size=256, seq_len=256, n_layer=6, n_head=8, d_model=256),
     "gpt-125m": GPTConfig(vocab_size=50304, seq_len=1024, n_layer=12, n_head=12, d_model=768),
     "gpt-350m": GPTConfig(vocab_size=50304, seq_len=1024, n_layer=24, n_head=16, d_model=1024),
+    # 20 x 12 d^2 = 1.007B in the blocks alone: >= 1.0B with any vocabulary
+    "gpt-1b": GPTConfig(vocab_size=50304, seq_len=2048, n_layer=20, n_head=16, d_model=2048),
     "gpt-1.3b": GPTConfig(vocab_size=50304, seq_len=2048, n_layer=24, n_head=16, d_model=2048),
     "gpt-7b": GPTConfig(vocab_size=50304, seq_len=2048, n_layer=32, n_head=32, d_model=4096),
 }
+
+
+INIT_STD = 0.02
+
+
+def residual_std(cfg: GPTConfig) -> float:
+    """GPT-2: projections into the residual stream shrink with depth."""
+    return INIT_STD / math.sqrt(2 * cfg.n_layer)
+
+
+class Linear(nn.Linear):
+    """nn.Linear drawn N(0, std) with a zero bias in its own constructor."""
+
+    def __init__(self, d_in: int, d_out: int, std: float = INIT_STD, bias: bool = True):
+        self.std = std  # read by reset_parameters, which nn.Linear.__init__ calls
+        super().__init__(d_in, d_out, bias=bias)
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, mean=0.0, std=self.std)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+
+class Embedding(nn.Embedding):
+    """nn.Embedding drawn N(0, 0.02) in its own constructor."""
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, mean=0.0, std=INIT_STD)
 
 
 class CausalSelfAttention(nn.Module):
@@ -57,8 +94,8 @@ class CausalSelfAttention(nn.Module):
         assert cfg.d_model % cfg.n_head == 0, "d_model must be divisible by n_head"
         self.n_head = cfg.n_head
         self.dropout = cfg.dropout
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
-        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
+        self.qkv = Linear(cfg.d_model, 3 * cfg.d_model)
+        self.proj = Linear(cfg.d_model, cfg.d_model, std=residual_std(cfg))
         self.resid_drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x_NTD: torch.Tensor) -> torch.Tensor:
@@ -78,8 +115,8 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.fc = nn.Linear(cfg.d_model, 4 * cfg.d_model)
-        self.proj = nn.Linear(4 * cfg.d_model, cfg.d_model)
+        self.fc = Linear(cfg.d_model, 4 * cfg.d_model)
+        self.proj = Linear(4 * cfg.d_model, cfg.d_model, std=residual_std(cfg))
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x_NTD: torch.Tensor) -> torch.Tensor:
@@ -107,27 +144,22 @@ class GPT(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.cfg = cfg
-        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.pos_emb = nn.Embedding(cfg.seq_len, cfg.d_model)
+        self.tok_emb = Embedding(cfg.vocab_size, cfg.d_model)  # also the lm head (tied)
+        self.pos_emb = Embedding(cfg.seq_len, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.d_model)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        self.tok_emb.weight = self.lm_head.weight  # weight tying
         self.activation_checkpointing = False  # recompute each block in backward when True
+        if hasattr(self.tok_emb.weight, "ds_id"):
+            # Built partitioned (ZeRO-3): forward reads the embedding outside
+            # tok_emb's own forward (the tied head), so DeepSpeed must gather it
+            # for this module too.
+            import deepspeed
+            deepspeed.zero.register_external_parameter(self, self.tok_emb.weight)
 
-        # GPT-2 init: N(0, 0.02), residual projections scaled by 1/sqrt(2 * n_layer)
-        self.apply(self._init_weights)
-        for name, p in self.named_parameters():
-            if name.endswith("proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
-
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
+    def lm_head(self, x_NTD: torch.Tensor) -> torch.Tensor:
+        """The output projection, tied to the token embedding."""
+        return F.linear(x_NTD, self.tok_emb.weight)
 
     def forward(self, idx_NT: torch.Tensor) -> torch.Tensor:
         N, T = idx_NT.shape

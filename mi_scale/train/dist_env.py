@@ -24,12 +24,15 @@ def init_process_group() -> tuple[int, int]:
     """Initialize (or reuse) the default process group; returns (rank, world_size)."""
     import deepspeed
 
-    if not dist.is_initialized():
-        if "RANK" not in os.environ:
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                              MASTER_PORT=str(free_port()))
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        deepspeed.init_distributed(dist_backend=backend)
+    from mi_scale.train.memory import return_freed_memory_to_os
+
+    return_freed_memory_to_os()  # before the model exists: see its docstring
+    if not dist.is_initialized() and "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(free_port()))
+    # Also when torch's group exists (Ray Train made it): DeepSpeed's own comm
+    # layer must wrap it before zero.Init reads the world size.
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     return dist.get_rank(), dist.get_world_size()
 
 

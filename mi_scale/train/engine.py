@@ -2,18 +2,26 @@
 
 Our defaults: AdamW (torch implementation, no op compilation on CPU), linear
 warmup then cosine decay, gradient clipping, ZeRO stage and offload from the
-`deepspeed` section, and `deepspeed.extra` merged last so any DeepSpeed key
-passes through.
+`deepspeed` section, buffers sized from the model (train/memory.py), and
+`deepspeed.extra` merged last so any DeepSpeed key passes through.
+
+At ZeRO-3 the model is built inside `partitioned_init(...)`
+(deepspeed.zero.Init): each layer is sharded as soon as it exists, so no rank
+ever holds the whole model.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+from pathlib import Path
 
 import torch
 
 from mi_scale.config import Config
+from mi_scale.errors import UserError
+from mi_scale.train.memory import ModelShape, host_memory_bytes, zero_settings
 
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -31,13 +39,52 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def deepspeed_config(cfg: Config, world_size: int) -> dict:
+def resolved_precision(requested: str) -> str:
+    """`auto` is bf16 on a GPU with bf16 support and fp32 elsewhere."""
+    if requested != "auto":
+        return requested
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def _offload(device: str, cfg: Config) -> dict:
+    if device == "nvme":
+        return {"device": "nvme", "nvme_path": str(nvme_path(cfg)), "pin_memory": False, "buffer_count": 4}
+    return {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+
+
+def nvme_path(cfg: Config) -> Path:
+    return Path(cfg.deepspeed.nvme_path) if cfg.deepspeed.nvme_path else cfg.run_dir() / "offload"
+
+
+def check_nvme_offload(cfg: Config) -> None:
+    """NVMe offload needs DeepSpeed's async I/O op, which needs libaio."""
+    ds = cfg.deepspeed
+    if "nvme" not in (ds.offload_optimizer, ds.offload_params):
+        return
+    from deepspeed.ops.op_builder import AsyncIOBuilder
+
+    if not AsyncIOBuilder().is_compatible(verbose=False):
+        field = "deepspeed.offload_optimizer" if ds.offload_optimizer == "nvme" else "deepspeed.offload_params"
+        raise UserError(f"{field}: invalid value 'nvme': DeepSpeed's async I/O op needs libaio, which is not "
+                        f"installed; install it (apt-get install libaio-dev; `make setup` does as root) or "
+                        f"offload to 'cpu'")
+
+
+def deepspeed_config(cfg: Config, world_size: int, shape: ModelShape | None = None,
+                     memory_bytes: int | None = None) -> dict:
+    """The DeepSpeed JSON. `shape` sizes the buffers (DeepSpeed's GPU defaults
+    when None); `memory_bytes` is what all ranks of this node share (default:
+    this machine's memory)."""
     t, ds = cfg.train, cfg.deepspeed
     zero: dict = {"stage": ds.zero_stage}
-    if ds.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu"}
-    if ds.offload_params:
-        zero["offload_param"] = {"device": "cpu"}
+    if shape is not None:
+        on_node = max(1, min(world_size, torch.cuda.device_count() or world_size))
+        rank_memory = (memory_bytes or host_memory_bytes()) // on_node
+        zero.update(zero_settings(shape, ds.zero_stage, rank_memory, ds.bucket_elements))
+    if ds.offload_optimizer != "none":
+        zero["offload_optimizer"] = _offload(ds.offload_optimizer, cfg)
+    if ds.offload_params != "none":
+        zero["offload_param"] = _offload(ds.offload_params, cfg)
     conf = {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
         "gradient_accumulation_steps": t.grad_accum,
@@ -47,19 +94,36 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
                                                   "betas": [0.9, 0.999], "eps": 1e-8, "torch_adam": True}},
         "zero_optimization": zero,
         "zero_force_ds_cpu_optimizer": False,  # offload with torch AdamW: no cpu_adam compile
-        "bf16": {"enabled": t.precision == "bf16"},
+        "bf16": {"enabled": resolved_precision(t.precision) == "bf16"},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if "nvme" in (ds.offload_optimizer, ds.offload_params):
+        # one I/O thread per rank: this is a 2-core class of machine; raise on real NVMe hosts
+        conf["aio"] = {"block_size": 1 << 20, "queue_depth": 8, "thread_count": 1,
+                       "single_submit": False, "overlap_events": True}
     return _merge(conf, ds.extra)
 
 
-def build_engine(cfg: Config, module: torch.nn.Module, world_size: int):
-    """deepspeed.initialize on `module` (model + MI regularizer parts)."""
+def partitioned_init(cfg: Config, ds_conf: dict):
+    """Context to build the model in: deepspeed.zero.Init at ZeRO-3 (each
+    layer sharded as soon as it is constructed), else nothing."""
+    # hf models keep transformers' own init (a pass over the built model);
+    # they are built whole and sharded by deepspeed.initialize
+    if cfg.deepspeed.zero_stage != 3 or cfg.model.kind == "hf":
+        return contextlib.nullcontext()
+    import deepspeed
+
+    remote = cfg.deepspeed.offload_params if cfg.deepspeed.offload_params != "none" else None
+    return deepspeed.zero.Init(config_dict_or_path=ds_conf, remote_device=remote)
+
+
+def build_engine(cfg: Config, module: torch.nn.Module, conf: dict):
+    """deepspeed.initialize on `module` (model + MI regularizer parts) with
+    the JSON from `deepspeed_config`."""
     import deepspeed
 
     t = cfg.train
-    conf = deepspeed_config(cfg, world_size)
 
     def scheduler(opt):
         return torch.optim.lr_scheduler.LambdaLR(

@@ -22,6 +22,7 @@ class Objective(nn.Module):
         self.task = task  # "classify" or "lm"
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, step: int):
+        self.regularizer.set_step(step)  # hooks keep only this step's sampled tokens
         logits = self.model(x)
         task_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
         reg_loss, mi = self.regularizer.loss(step)
