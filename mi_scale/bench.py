@@ -1,6 +1,11 @@
-"""`mi-scale bench mi-overhead`: step time with the MI term / without.
+"""`mi-scale bench mi-overhead | peak | scale`.
 
-Both variants run in the same process(es), interleaved step by step so that
+mi-overhead: step time with the MI term / without (below). peak: matmul
+FLOP/s of this CPU, cached for MFU (`peak`). scale: a ladder of GPT sizes
+trained for a few steps through the real worker at ZeRO-2 and ZeRO-3
+(`scale`).
+
+mi-overhead: both variants run in the same process(es), interleaved step by step so that
 drift of the machine hits both equally, on identical models and batches. A
 step is forward + backward + AdamW step; at W > 1 ranks (gloo, spawned
 processes) gradients are averaged with DDP, as in real data-parallel training.
@@ -152,3 +157,187 @@ def mi_overhead(steps: int = 20, ranks: list[int] = (1, 2), out_dir: str = "runs
 
 def _kib(n: int) -> str:
     return f"{n / 1024:.1f} KiB"
+
+
+# -- bench peak --------------------------------------------------------------------
+
+
+def peak(seconds: float = 2.0, log=print) -> list[dict]:
+    """Matmul FLOP/s of this CPU in fp32 and bf16, with 1 thread and with all
+    cores; each value goes into the cache that MFU reads (throughput.py)."""
+    from mi_scale.train import throughput
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    log(f"matmul peak of {throughput.cpu_model_name()}: best of repeated 1024x1024 matmuls over "
+        f"{seconds:g} s per row")
+    log(f"{'dtype':<9} {'threads':>7} {'GFLOP/s':>9}")
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16):
+        for threads in sorted({1, cores}):
+            flops = throughput.measure_matmul_flops(dtype, threads, seconds)
+            throughput.write_cache_entry(dtype, threads, flops)
+            rows.append({"cpu": throughput.cpu_model_name(), "dtype": str(dtype).removeprefix("torch."),
+                         "threads": threads, "flops_per_s": flops})
+            log(f"{rows[-1]['dtype']:<9} {threads:>7} {flops / 1e9:9.1f}")
+    log(f"cached in {throughput.cache_path()}")
+    return rows
+
+
+# -- bench scale -------------------------------------------------------------------
+
+# (preset, seq_len, per-rank micro-batch, timed steps, seconds cap per run).
+# Sized so that the whole ladder (8 runs) ends within 15 minutes on 2 cores:
+# the seconds caps add up to 2 x 435 s, and a run stops at whichever cap
+# comes first (it keeps the steps done by then).
+SCALE_LADDER = [
+    ("gpt-1m", 128, 8, 10, 60),
+    ("gpt-5m", 128, 8, 8, 75),
+    ("gpt-125m", 128, 4, 4, 150),
+    ("gpt-350m", 128, 2, 3, 150),
+]
+SCALE_VOCAB = 256  # byte tokens, as the bundled `text` data uses
+
+
+def _mem_available_bytes() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def estimate_run_bytes(n_params: int, world: int, batch: int, seq_len: int, d_model: int, n_layer: int) -> int:
+    """Memory of one fp32 training run, all ranks together, on the safe side:
+    each rank as if it held everything (16 bytes/param: params, grads, Adam m
+    and v), plus 64 bytes per token, width and layer of activations, plus
+    1 GiB of runtime (torch, DeepSpeed) per rank."""
+    per_rank = 16 * n_params + 64 * batch * seq_len * d_model * n_layer + 2**30
+    return world * per_rank
+
+
+def _scale_run(preset: str, stage: int, seq_len: int, batch: int, steps: int, cap_s: float,
+               world: int, work: Path) -> dict:
+    """One real training run: `world` worker processes (gloo), stopped once
+    steps + 1 train rows are logged (the first step is not timed) or at cap_s.
+
+    The ranks are our direct children so that os.wait4 gives each rank's max
+    RSS. They are stopped, not run to train.steps, so that no final eval or
+    checkpoint (gigabytes at 0.3B) is written."""
+    import signal
+    import subprocess
+    import sys
+
+    from mi_scale import config as config_mod
+    from mi_scale.train.dist_env import free_port
+
+    run_dir = work / f"{preset}-zero{stage}"
+    cfg = config_mod.load(None, [
+        f"run.output_dir={work}", f"run.name={run_dir.name}", "model.kind=gpt", f"model.preset={preset}",
+        "data.name=text", f"data.seq_len={seq_len}", f"data.batch_size={batch}", "mi.estimator=gaussian",
+        "mi.weight=0.001", "mi.sketch_dim=16", "mi.tokens_per_sample=8", "train.steps=100000",
+        "train.warmup_steps=0", "train.eval_every=100000", "train.checkpoint_every=100000",
+        "train.log_every=100000", f"deepspeed.zero_stage={stage}", "tracking.wandb=disabled"])
+    work.mkdir(parents=True, exist_ok=True)
+    config_path = work / f"{run_dir.name}.yaml"
+    config_mod.save(cfg, config_path)
+    env = {**os.environ, "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+           "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    procs, logs = [], []
+    t0 = time.perf_counter()
+    for r in range(world):
+        logs.append(open(work / f"{run_dir.name}.rank{r}.log", "w"))
+        procs.append(subprocess.Popen([sys.executable, "-m", "mi_scale.train.worker", str(config_path)],
+                                      env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                                      stdout=logs[-1], stderr=subprocess.STDOUT))
+    metrics, rows = run_dir / "metrics.jsonl", []
+    maxrss_kib: dict[int, int] = {}
+    status: dict[int, int] = {}
+    try:
+        # Until enough rows, the cap, or any rank exiting (a crash: train.steps is never reached).
+        while not status and len(rows) < steps + 1 and time.perf_counter() - t0 < cap_s:
+            time.sleep(0.2)
+            for r, p in enumerate(procs):
+                if r not in status:
+                    pid, st, ru = os.wait4(p.pid, os.WNOHANG)
+                    if pid:
+                        status[r], maxrss_kib[r] = os.waitstatus_to_exitcode(st), ru.ru_maxrss
+            if metrics.exists():
+                rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.endswith("}")]
+                rows = [row for row in rows if row["split"] == "train"]
+    finally:
+        for r, p in enumerate(procs):
+            if r not in status:
+                p.send_signal(signal.SIGKILL)
+                _, st, ru = os.wait4(p.pid, 0)
+                status[r], maxrss_kib[r] = os.waitstatus_to_exitcode(st), ru.ru_maxrss
+            p.returncode = status[r]  # reaped by wait4: keep Popen from waiting again
+        for f in logs:
+            f.close()
+    wall = time.perf_counter() - t0
+    out = {"preset": preset, "zero_stage": stage, "ranks": world, "seq_len": seq_len, "micro_batch": batch,
+           "wall_s": wall, "steps_logged": len(rows),
+           "peak_rss_mb_per_rank": [maxrss_kib[r] / 1024 for r in range(world)]}
+    if len(rows) < 2:
+        crashed = [r for r, code in status.items() if code not in (0, -signal.SIGKILL)]
+        tail = (work / f"{run_dir.name}.rank{crashed[0] if crashed else 0}.log").read_text()[-1500:]
+        out["error"] = (f"rank(s) {crashed} exited early" if crashed else
+                        f"fewer than 2 steps within the {cap_s:g} s cap") + f"; log tail:\n{tail}"
+        return out
+    timed = [row["step_time_s"] for row in rows[1:steps + 1]]  # the first step warms up: not timed
+    step_s = statistics.median(timed)
+    flops = rows[0]["flops_per_step"]
+    out.update(timed_steps=len(timed), step_time_s=step_s, tokens_per_s=batch * world * seq_len / step_s,
+               flops_per_step=flops, peak_flops_per_s=rows[0].get("peak_flops_per_s"))
+    if out["peak_flops_per_s"]:
+        out["mfu"] = flops / step_s / (out["peak_flops_per_s"] * world)
+    return out
+
+
+def scale(out_dir: str = "runs/bench", sizes: list[str] | None = None, stages: tuple[int, ...] = (2, 3),
+          world: int = 2, log=print) -> list[dict]:
+    """The GPT ladder at ZeRO-2 and ZeRO-3 on `world` gloo ranks, MI term on."""
+    import tempfile
+
+    from mi_scale.models import build_gpt, count_params
+    from mi_scale.train import throughput
+
+    known = [c[0] for c in SCALE_LADDER]
+    if sizes is not None and not set(sizes) <= set(known):
+        from mi_scale.errors import UserError
+        raise UserError(f"--sizes: {sorted(set(sizes) - set(known))} not in the ladder; choose from {known}")
+    ladder = [c for c in SCALE_LADDER if sizes is None or c[0] in sizes]
+    # The ranks run 1 thread each: have the peak cached now, so no run measures it.
+    throughput.cpu_peak_flops_per_s(torch.float32, 1)
+    log(f"scale: GPT presets, byte vocab {SCALE_VOCAB}, bundled text, fp32, {world} ranks x 1 thread (gloo), "
+        f"MI term on (gaussian, k=16, P=8); step time = median of the timed steps (first step excluded); "
+        f"peak RSS = max over ranks")
+    log(f"{'size':<9} {'zero':>4} {'params':>7} {'seq x batch':>11} {'steps':>5} {'step s':>7} "
+        f"{'tokens/s':>9} {'MFU':>6} {'peak RSS/rank':>13} {'wall s':>6}")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="mi-scale-bench-") as tmp:
+        for preset, seq_len, batch, steps, cap_s in ladder:
+            model = build_gpt(preset, vocab_size=SCALE_VOCAB, seq_len=seq_len, device="meta")
+            n_params = count_params(model)
+            c = model.cfg
+            for stage in stages:
+                need = estimate_run_bytes(n_params, world, batch, seq_len, c.d_model, c.n_layer)
+                have = _mem_available_bytes()
+                head = f"{preset:<9} {stage:>4} {n_params / 1e6:6.1f}M {f'{seq_len} x {batch}':>11}"
+                if need > have:
+                    rows.append({"preset": preset, "zero_stage": stage, "params": n_params,
+                                 "skipped": f"needs ~{need / 2**30:.1f} GiB, {have / 2**30:.1f} GiB available"})
+                    log(f"{head} skipped: {rows[-1]['skipped']}")
+                    continue
+                res = {"params": n_params, **_scale_run(preset, stage, seq_len, batch, steps, cap_s, world,
+                                                        Path(tmp))}
+                rows.append(res)
+                if "error" in res:
+                    log(f"{head} failed: {res['error']}")
+                    continue
+                mfu = f"{100 * res['mfu']:5.1f}%" if "mfu" in res else "     -"
+                log(f"{head} {res['timed_steps']:>5} {res['step_time_s']:7.2f} {res['tokens_per_s']:9.0f} {mfu} "
+                    f"{max(res['peak_rss_mb_per_rank']) / 1024:9.2f} GiB {res['wall_s']:6.0f}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_scale.json").write_text(json.dumps(rows, indent=1))
+    log(f"wrote {out / 'bench_scale.json'}")
+    return rows

@@ -57,10 +57,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override applied to every trial")
 
     p = sub.add_parser("bench", help="side-by-side measurements (ratios from one run)")
-    p.add_argument("what", choices=["mi-overhead"], help="mi-overhead: step time with MI / without")
-    p.add_argument("--steps", type=int, default=20, help="timed steps per configuration")
-    p.add_argument("--ranks", default="1,2", help="world sizes to measure, e.g. 1,2")
-    p.add_argument("--out", default="runs/bench", help="folder for bench.json")
+    p.add_argument("what", choices=["mi-overhead", "peak", "scale", "gpu"],
+                   help="mi-overhead: step time with MI / without; peak: this CPU's matmul FLOP/s "
+                        "(cached for MFU); scale: a GPT ladder at ZeRO-2/3 on 2 ranks (tokens/s, MFU, "
+                        "memory); gpu: bf16 GPT training and estimators on a CUDA GPU")
+    p.add_argument("--steps", type=int, default=20, help="mi-overhead: timed steps per configuration")
+    p.add_argument("--ranks", default="1,2", help="mi-overhead: world sizes to measure, e.g. 1,2")
+    p.add_argument("--sizes", default=None,
+                   help="scale: comma-separated presets (default: gpt-1m,gpt-5m,gpt-125m,gpt-350m); "
+                        "gpu: default gpt-350m,gpt-1.3b")
+    p.add_argument("--seconds", type=float, default=2.0, help="peak: seconds of matmuls per row")
+    p.add_argument("--out", default="runs/bench", help="folder for bench.json / bench_scale.json / bench_gpu.json")
 
     p = sub.add_parser("mi-check", help="every estimator on tasks with known MI: table + plot")
     p.add_argument("--out", default="runs/mi-check", help="folder for mi_check.json and mi_check.png")
@@ -98,7 +105,16 @@ def _dispatch(args) -> int:
         return 0
     if args.command == "bench":
         from mi_scale import bench
-        bench.mi_overhead(steps=args.steps, ranks=[int(r) for r in args.ranks.split(",")], out_dir=args.out)
+        sizes = args.sizes.split(",") if args.sizes else None
+        if args.what == "peak":
+            bench.peak(seconds=args.seconds)
+        elif args.what == "scale":
+            bench.scale(out_dir=args.out, sizes=sizes)
+        elif args.what == "gpu":
+            from mi_scale import gpu_check
+            gpu_check.run(out_dir=args.out, sizes=sizes)
+        else:
+            bench.mi_overhead(steps=args.steps, ranks=[int(r) for r in args.ranks.split(",")], out_dir=args.out)
         return 0
     if args.command == "train":
         cfg = config.load(args.config, args.overrides)  # validate before importing heavy deps

@@ -215,7 +215,7 @@ def test_zero_stages_two_ranks_learn_and_agree_on_mi(tmp_path, stage):
 @pytest.mark.parametrize("case,expected", [
     (("--set", "model.kind=gpt", "--set", "model.preset=gpt-2m", "--set", "data.name=text"),
      "error: model.preset: invalid value 'gpt-2m': expected one of 'gpt-1m', 'gpt-5m', 'gpt-125m', "
-     "'gpt-350m', 'gpt-1.3b', 'gpt-7b' (did you mean 'gpt-125m'?)"),
+     "'gpt-350m', 'gpt-1b', 'gpt-1.3b', 'gpt-7b' (did you mean 'gpt-125m'?)"),
     (("--set", "data.name=files", "--set", "data.path=/nonexistent/train.jsonl"), "error: data.path: "),
     (("--set", "data.name=hub", "--set", "data.path=some-user/some-dataset"), "error: data.path="),
 ])

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from mi_scale import __version__
 from mi_scale import config as config_mod
 from mi_scale.config import Config
-from mi_scale.train import checkpoint
+from mi_scale.train import checkpoint, throughput
 from mi_scale.train.dist_env import barrier, device, init_process_group
 from mi_scale.train.tracking import Tracker, truncate_metrics
 
@@ -43,14 +43,28 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_objective(cfg: Config, bundle):
-    """Model + MI regularizer for the data in `bundle`."""
+def build_objective(cfg: Config, bundle, world: int):
+    """Model + MI regularizer for the data in `bundle`, and the DeepSpeed
+    JSON sized for that model.
+
+    A meta-device twin of the model (no memory) gives the shapes that size
+    DeepSpeed's buffers and the hooked layers' order and widths; the real
+    model is built partitioned at ZeRO-3 (train/engine.py), so it is never
+    whole on any rank."""
     from mi_scale.mi import MIRegularizer
     from mi_scale.models import build_model, default_hook_patterns
+    from mi_scale.train.engine import deepspeed_config, partitioned_init
+    from mi_scale.train.memory import ModelShape
     from mi_scale.train.objective import Objective
 
-    model = build_model(cfg.model, input_dim=bundle.input_dim, num_classes=bundle.num_classes,
-                        vocab_size=bundle.vocab_size, seq_len=bundle.seq_len)
+    def build(device=None):
+        return build_model(cfg.model, input_dim=bundle.input_dim, num_classes=bundle.num_classes,
+                           vocab_size=bundle.vocab_size, seq_len=bundle.seq_len, device=device)
+
+    twin = build("meta")
+    ds_conf = deepspeed_config(cfg, world, ModelShape.of(twin))
+    with partitioned_init(cfg, ds_conf):
+        model = build()
     model.activation_checkpointing = cfg.train.activation_checkpointing
     layers = cfg.mi.layers
     if cfg.model.kind == "hf" and layers == ["blocks.*"]:
@@ -60,9 +74,9 @@ def build_objective(cfg: Config, bundle):
                         tokens_per_sample=m.tokens_per_sample, weight=m.weight, seed=cfg.run.seed,
                         every=m.every, log_every=m.log_every, warmup_steps=m.warmup_steps,
                         pair_weights=m.pair_weights, estimator_kwargs=m.estimator_kwargs)
-    example = bundle.train[:2]["x"]
-    reg.discover(example)  # creates learned sketches / critics before the optimizer exists
-    return Objective(model, reg, bundle.task)
+    # creates learned sketches / critics before the optimizer exists
+    reg.discover(bundle.train[:2]["x"].to("meta"), shape_model=twin)
+    return Objective(model, reg, bundle.task), ds_conf
 
 
 @torch.no_grad()
@@ -106,8 +120,9 @@ def run_worker(cfg: Config, resume: bool = False, on_checkpoint=None) -> dict:
     orchestrator's hook (Ray reports the checkpoint), called on every rank
     after each checkpoint. Returns the final summary (same on every rank)."""
     from mi_scale.data import ShardedBatches, build_data
-    from mi_scale.train.engine import build_engine
+    from mi_scale.train.engine import build_engine, check_nvme_offload
 
+    check_nvme_offload(cfg)
     rank, world = init_process_group()
     run_dir = cfg.run_dir()
     if rank == 0:
@@ -116,8 +131,8 @@ def run_worker(cfg: Config, resume: bool = False, on_checkpoint=None) -> dict:
 
     seed_everything(cfg.run.seed)  # identical model init on every rank
     bundle = build_data(cfg.data, cfg.run.seed)
-    objective = build_objective(cfg, bundle)
-    engine = build_engine(cfg, objective, world)
+    objective, ds_conf = build_objective(cfg, bundle, world)
+    engine = build_engine(cfg, objective, ds_conf)
     batches = ShardedBatches(bundle.train, cfg.data.batch_size, rank, world, cfg.run.seed, cfg.data.shuffle)
     seed_everything(cfg.run.seed * 1000 + rank + 1)  # per-rank streams (dropout)
 
@@ -142,6 +157,16 @@ def run_worker(cfg: Config, resume: bool = False, on_checkpoint=None) -> dict:
 
     t, dev = cfg.train, device()
     tokens_per_sample = bundle.seq_len or 1
+    # Throughput: model FLOPs of one optimizer step (module docstring of
+    # throughput.py) and one peak FLOP/s that all ranks agree on; mfu is
+    # left out of the rows when the peak is unknown (a GPU not in the table).
+    flops_per_step = throughput.flops_per_step(
+        throughput.model_flops_per_token(objective.model, seq_len=bundle.seq_len),
+        cfg.data.batch_size, t.grad_accum, world, tokens_per_sample)
+    peak = throughput.agreed_peak_flops_per_s(dev, torch.bfloat16 if engine.bfloat16_enabled() else torch.float32)
+    if rank == 0 and peak is None:
+        print("[mi-scale] no peak FLOP/s known for this device: set MI_SCALE_PEAK_FLOPS (per rank) "
+              "to log mfu", flush=True)
     last_eval: dict = {}
     try:
         for step in range(start_step, t.steps):
@@ -171,7 +196,10 @@ def run_worker(cfg: Config, resume: bool = False, on_checkpoint=None) -> dict:
                    "lr": engine.get_lr()[0], "step_time_s": step_time,
                    "samples_per_s": cfg.data.batch_size * t.grad_accum * world / step_time,
                    "tokens_per_s": cfg.data.batch_size * t.grad_accum * world * tokens_per_sample / step_time,
-                   "samples_seen": samples_seen, "data_batch": data_batch, "peak_mem_mb": _peak_memory_mb()}
+                   "samples_seen": samples_seen, "data_batch": data_batch, "peak_mem_mb": _peak_memory_mb(),
+                   "flops_per_step": flops_per_step}
+            if peak is not None:  # on every row, so each row stands alone
+                row.update(peak_flops_per_s=peak, mfu=throughput.mfu(flops_per_step, step_time, peak, world))
             gn = engine.get_global_grad_norm()
             if gn is not None:
                 row["grad_norm"] = float(gn)
