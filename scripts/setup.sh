@@ -7,6 +7,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null || PY=python3
+# DeepSpeed's async I/O op (NVMe offload, ZeRO-Infinity) needs libaio. We
+# install it where we can (root with apt); elsewhere nvme offload stops with
+# an error that says so, and everything else works.
+if [[ ! -e /usr/include/libaio.h ]] && command -v apt-get >/dev/null && [[ $(id -u) == 0 ]]; then
+    echo "[setup] installing libaio-dev (for deepspeed.offload_optimizer=nvme)"
+    { apt-get update -qq && apt-get install -y -qq libaio-dev; } >/dev/null 2>&1 \
+        || echo "[setup] could not install libaio-dev: NVMe offload will be unavailable"
+fi
 STAMP=.venv/.mi-scale-installed
 # Reuse the venv when pyproject.toml and the constraints are unchanged.
 want=$(cat pyproject.toml constraints-cpu.txt scripts/setup.sh | sha256sum | cut -d' ' -f1)

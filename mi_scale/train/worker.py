@@ -138,14 +138,16 @@ def run_worker(cfg: Config, resume: bool = False, on_checkpoint=None) -> dict:
 
     start_step, samples_seen = 0, 0
     if resume:
+        t_load = time.perf_counter()
         meta, rank_state = checkpoint.load_latest(engine, run_dir, world, cfg.training_keys())
+        t_load = time.perf_counter() - t_load
         if meta is not None:
             start_step, samples_seen = meta["step"], meta["samples_seen"]
             batches.load_state_dict(rank_state["data"])
             checkpoint.set_rng_state(rank_state["rng"])
             if rank == 0:
-                print(f"[mi-scale] resumed from {run_dir / 'checkpoints' / meta['tag']} at step {start_step}",
-                      flush=True)
+                print(f"[mi-scale] resumed from {run_dir / 'checkpoints' / meta['tag']} at step {start_step} "
+                      f"(loaded in {t_load:.1f} s)", flush=True)
         elif rank == 0:
             print(f"[mi-scale] no valid checkpoint in {run_dir / 'checkpoints'}: starting at step 0", flush=True)
     tracker = None
@@ -186,8 +188,10 @@ def run_worker(cfg: Config, resume: bool = False, on_checkpoint=None) -> dict:
                 sums += torch.stack([loss.detach(), task_loss, reg_loss]).double()
                 for k, v in mi.items():  # MI of each micro-batch; logged as their mean
                     mi_values[k] = mi_values.get(k, 0.0) + v / t.grad_accum
+            mem_mb = torch.tensor([_peak_memory_mb()], dtype=torch.float64, device=dev)
             if world > 1:
                 dist.all_reduce(sums)
+                dist.all_reduce(mem_mb, op=dist.ReduceOp.MAX)
             sums /= world * t.grad_accum
             step_time = time.perf_counter() - t0
             done = step + 1
@@ -197,7 +201,7 @@ def run_worker(cfg: Config, resume: bool = False, on_checkpoint=None) -> dict:
                    "samples_per_s": cfg.data.batch_size * t.grad_accum * world / step_time,
                    "tokens_per_s": cfg.data.batch_size * t.grad_accum * world * tokens_per_sample / step_time,
                    "samples_seen": samples_seen, "data_batch": data_batch, "peak_mem_mb": _peak_memory_mb(),
-                   "flops_per_step": flops_per_step}
+                   "peak_mem_mb_max_rank": mem_mb.item(), "flops_per_step": flops_per_step}
             if peak is not None:  # on every row, so each row stands alone
                 row.update(peak_flops_per_s=peak, mfu=throughput.mfu(flops_per_step, step_time, peak, world))
             gn = engine.get_global_grad_norm()
@@ -221,9 +225,14 @@ def run_worker(cfg: Config, resume: bool = False, on_checkpoint=None) -> dict:
                 meta = {"samples_seen": samples_seen, "world_size": world, "config_hash": cfg.training_hash(),
                         "training_keys": cfg.training_keys(), "wandb_id": tracker.wandb_id if tracker else None,
                         "version": __version__}  # data position and RNG: per rank, in rank-XXXX.pt
+                t_save = time.perf_counter()
                 path = checkpoint.save(engine, run_dir, done, meta,
                                        {"rng": checkpoint.rng_state(), "data": batches.state_dict()}, t.keep_last,
                                        kill_at=cfg.fault.kill_during_checkpoint)
+                if rank == 0:
+                    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+                    print(f"[mi-scale] checkpoint {path.name}: {size / 2**30:.2f} GiB, saved in "
+                          f"{time.perf_counter() - t_save:.1f} s", flush=True)
                 if on_checkpoint is not None:
                     on_checkpoint(path, done, {**row, **last_eval})
     finally:
