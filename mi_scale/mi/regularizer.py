@@ -166,11 +166,19 @@ class MIRegularizer(nn.Module):
             if not torch.is_tensor(h):
                 raise RegularizerError(f"layer {name!r} returned {type(h).__name__}; hook a module "
                                        "whose output is a tensor")
-            h_NTD = as_tokens(h)
-            if self._capture_step is not None:  # keep P tokens: O(batch x P x k) per layer
-                h_NTD = select_tokens(h_NTD, token_fractions(self.seed, self._capture_step,
-                                                             self.tokens_per_sample))
-            s_NTK = self.sketcher.project(name, h_NTD)
+            step = self._capture_step
+            mode = "train" if step is None else self.schedule.mode(step)
+            if mode == "skip":
+                return  # nothing to sketch this step
+            # A measure-only step builds no graph: a branch off a block's output
+            # that the loss never reaches breaks ZeRO-3's backward under
+            # activation checkpointing (the block's parameters are not fetched
+            # again for the recompute).
+            with torch.set_grad_enabled(torch.is_grad_enabled() and mode == "train"):
+                h_NTD = as_tokens(h)
+                if step is not None:  # keep P tokens: O(batch x P x k) per layer
+                    h_NTD = select_tokens(h_NTD, token_fractions(self.seed, step, self.tokens_per_sample))
+                s_NTK = self.sketcher.project(name, h_NTD)
             if self._armed and name not in self._sketches:
                 self._sketches[name] = s_NTK  # the sketch, never the full activation
                 self._fired.append(name)
