@@ -148,10 +148,13 @@ def mi_overhead(steps: int = 20, ranks: list[int] = (1, 2), out_dir: str = "runs
             log(f"{case:<8} {world:>5} {wo * 1e3:11.1f} {w * 1e3:9.1f} {w / wo:7.3f} "
                 f"{_kib(res['sketch_bytes']):>12} {_kib(res['raw_bytes']):>10} "
                 f"{res['raw_bytes'] / res['sketch_bytes']:10.1f}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.json").write_text(json.dumps(rows, indent=1))
-    log(f"wrote {out / 'bench.json'}")
+    return _write_rows(rows, Path(out_dir) / "bench.json", log)
+
+
+def _write_rows(rows: list[dict], path: Path, log) -> list[dict]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rows, indent=1))
+    log(f"wrote {path}")
     return rows
 
 
@@ -336,8 +339,4 @@ def scale(out_dir: str = "runs/bench", sizes: list[str] | None = None, stages: t
                 mfu = f"{100 * res['mfu']:5.1f}%" if "mfu" in res else "     -"
                 log(f"{head} {res['timed_steps']:>5} {res['step_time_s']:7.2f} {res['tokens_per_s']:9.0f} {mfu} "
                     f"{max(res['peak_rss_mb_per_rank']) / 1024:9.2f} GiB {res['wall_s']:6.0f}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_scale.json").write_text(json.dumps(rows, indent=1))
-    log(f"wrote {out / 'bench_scale.json'}")
-    return rows
+    return _write_rows(rows, Path(out_dir) / "bench_scale.json", log)
