@@ -1,4 +1,4 @@
-"""`mi-scale` command line: train | resume | report | bench | sweep | mi-check.
+"""`mi-scale` command line: train | resume | report | bench | sweep | plan | mi-check.
 
 Every user error (bad config, missing file, bad checkpoint) prints one
 `error: ...` line naming the field, value and fix, and exits with status 2
@@ -73,6 +73,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/mi-check", help="folder for mi_check.json and mi_check.png")
     p.add_argument("--quick", action="store_true", help="fewer tasks (about a minute)")
     p.add_argument("-n", type=int, default=2048, help="samples per task")
+
+    p = sub.add_parser("plan", help="predicted peak memory per rank before running: fits? what to change")
+    _add_config_args(p)
+    p.add_argument("--nodes", type=int, default=None, help="nodes of the target cluster (default 1)")
+    p.add_argument("--gpus-per-node", type=int, default=None,
+                   help="plan for GPUs: world size = nodes x gpus-per-node (default: cluster.num_workers)")
+    p.add_argument("--gpu-memory-gb", type=float, default=None, help="memory per GPU (default: this GPU's, or 80)")
+    p.add_argument("--host-memory-gb", type=float, default=None, help="host memory per node (default: this machine's)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--measure", action="store_true",
+                   help="also run the config here (CPU ranks under torchrun) and compare the measured peak")
     return parser
 
 
@@ -91,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
 def _dispatch(args) -> int:
     from mi_scale import config
 
+    if args.command == "plan":
+        from mi_scale import plan
+        return plan.run_cli(args)
     if args.command == "mi-check":
         from mi_scale import mi_check
         mi_check.run(args.out, quick=args.quick, n=args.n)
