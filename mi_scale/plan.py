@@ -753,11 +753,12 @@ def _free_port() -> int:
 def measure(cfg: Config, timeout: float = 3600, env: Optional[dict] = None, max_steps: int = 4) -> dict:
     """Run `cfg` for real on this machine (cluster.num_workers ranks under
     torchrun, CPU; at most `max_steps` steps and one eval batch: the peak is
-    reached by the second step) and return the peak RSS of the largest rank
-    over the whole run (start-up, training, eval, checkpoint): the kernel's
-    ru_maxrss of the torchrun process tree (wait4 on torchrun reports the
-    maximum over it and the ranks it waited for). The run writes to a
-    temporary directory, wandb disabled."""
+    reached by the second step) and return the peak RSS of the largest rank:
+    each rank's own ru_maxrss, max over ranks, as the worker logs it on every
+    train row (`peak_mem_mb_max_rank`). Read from the ranks themselves, not
+    from the process tree, so that no other descendant (a compiler building
+    a DeepSpeed op, say) can count. The run writes to a temporary directory,
+    wandb disabled."""
     W = cfg.cluster.num_workers
     with tempfile.TemporaryDirectory(prefix="mi-scale-plan-") as tmp:
         run_cfg = _with(cfg, [f"run.output_dir={tmp}", "tracking.wandb=disabled", "cluster.use_gpu=false",
@@ -776,7 +777,7 @@ def measure(cfg: Config, timeout: float = 3600, env: Optional[dict] = None, max_
             proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=e)
             try:
                 while True:
-                    pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+                    pid, status, _ = os.wait4(proc.pid, os.WNOHANG)
                     if pid:
                         break
                     if time.monotonic() - t0 > timeout:
@@ -795,7 +796,9 @@ def measure(cfg: Config, timeout: float = 3600, env: Optional[dict] = None, max_
         if proc.returncode != 0:
             tail = log.read_text(errors="replace")[-3000:]
             raise UserError(f"the measured run failed (exit {proc.returncode}): {tail}")
-    return {"peak_bytes": usage.ru_maxrss * KiB, "wall_s": wall, "world_size": W}
+        rows = [json.loads(x) for x in (Path(tmp) / run_cfg.run.name / "metrics.jsonl").read_text().splitlines()]
+        peak_mb = max(r["peak_mem_mb_max_rank"] for r in rows if r.get("split") == "train")
+    return {"peak_bytes": int(peak_mb * 2**20), "wall_s": wall, "world_size": W}
 
 
 # The README's validation table: (label, config, overrides); run one at a time.
