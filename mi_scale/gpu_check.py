@@ -92,6 +92,7 @@ def train_variant(preset: str, mi_on: bool, seq_len: int = 1024, batch: int = 8,
     from mi_scale.train import throughput
     from mi_scale.train.dist_env import device, init_process_group
     from mi_scale.train.engine import build_engine
+    from mi_scale.train.memory import ModelShape
     from mi_scale.train.worker import build_objective, seed_everything
 
     cfg = _config(preset, seq_len, batch, mi_on, zero_stage, precision, activation_checkpointing, out)
@@ -120,7 +121,7 @@ def train_variant(preset: str, mi_on: bool, seq_len: int = 1024, batch: int = 8,
             times.append(time.perf_counter() - t0)
         losses.append(float(task_loss))
         mis.append(sum(mi.values()) / len(mi) if mi else float("nan"))
-    n_params = sum(int(getattr(p, "ds_numel", p.numel())) for p in objective.model.parameters())
+    n_params = ModelShape.of(objective.model).params
     flops = throughput.flops_per_step(throughput.model_flops_per_token(objective.model, seq_len), batch, 1, world,
                                       seq_len)
     dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32

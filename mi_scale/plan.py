@@ -53,7 +53,6 @@ import copy
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -744,12 +743,6 @@ def render(pl: Plan) -> str:
 
 # -- measuring, for validation ----------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def measure(cfg: Config, timeout: float = 3600, env: Optional[dict] = None, max_steps: int = 4) -> dict:
     """Run `cfg` for real on this machine (cluster.num_workers ranks under
     torchrun, CPU; at most `max_steps` steps and one eval batch: the peak is
@@ -759,6 +752,8 @@ def measure(cfg: Config, timeout: float = 3600, env: Optional[dict] = None, max_
     from the process tree, so that no other descendant (a compiler building
     a DeepSpeed op, say) can count. The run writes to a temporary directory,
     wandb disabled."""
+    from mi_scale.train.dist_env import free_port
+
     W = cfg.cluster.num_workers
     with tempfile.TemporaryDirectory(prefix="mi-scale-plan-") as tmp:
         run_cfg = _with(cfg, [f"run.output_dir={tmp}", "tracking.wandb=disabled", "cluster.use_gpu=false",
@@ -771,7 +766,7 @@ def measure(cfg: Config, timeout: float = 3600, env: Optional[dict] = None, max_
         e.setdefault("OMP_NUM_THREADS", "1")
         log = Path(tmp) / "log.txt"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(W),
-               "--master_port", str(_free_port()), "-m", "mi_scale.train.worker", str(path)]
+               "--master_port", str(free_port()), "-m", "mi_scale.train.worker", str(path)]
         t0 = time.monotonic()
         with open(log, "wb") as f:
             proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=e)

@@ -136,6 +136,7 @@ class MIRegularizer(nn.Module):
         self._order: list[str] | None = None  # hooked layers in forward-execution order
         self._sketches: dict[str, torch.Tensor] = {}
         self._capture_step: int | None = None  # set_step(): select tokens in the hook
+        self._capture_fractions: torch.Tensor | None = None  # that step's token positions
         self._armed = False
         self._fired: list[str] = []
         self._model = [model]  # a list, so the model is not registered as a submodule
@@ -177,7 +178,7 @@ class MIRegularizer(nn.Module):
             with torch.set_grad_enabled(torch.is_grad_enabled() and mode == "train"):
                 h_NTD = as_tokens(h)
                 if step is not None:  # keep P tokens: O(batch x P x k) per layer
-                    h_NTD = select_tokens(h_NTD, token_fractions(self.seed, step, self.tokens_per_sample))
+                    h_NTD = select_tokens(h_NTD, self._capture_fractions)
                 s_NTK = self.sketcher.project(name, h_NTD)
             if self._armed and name not in self._sketches:
                 self._sketches[name] = s_NTK  # the sketch, never the full activation
@@ -191,6 +192,7 @@ class MIRegularizer(nn.Module):
         as much. Optional; once called, call it before every forward, since
         `loss(step)` must be called with the announced step."""
         self._capture_step = step
+        self._capture_fractions = token_fractions(self.seed, step, self.tokens_per_sample)  # once, not per hook
 
     def remove(self) -> None:
         """Remove every hook this regularizer registered."""

@@ -28,6 +28,11 @@ BUCKET_MEMORY_SHARE = 0.02
 MAX_PERSISTENCE = 100_000
 
 
+def param_numel(p: torch.Tensor) -> int:
+    """Elements of a parameter; a ZeRO-3 partitioned one keeps its full size in ds_numel."""
+    return int(getattr(p, "ds_numel", p.numel()))
+
+
 @dataclass(frozen=True)
 class ModelShape:
     params: int  # distinct parameters (a tied tensor once)
@@ -36,7 +41,7 @@ class ModelShape:
     @classmethod
     def of(cls, model: torch.nn.Module) -> "ModelShape":
         """Works on a meta-device model and on a ZeRO-3 partitioned one."""
-        sizes = [int(getattr(p, "ds_numel", p.numel())) for p in model.parameters()]
+        sizes = [param_numel(p) for p in model.parameters()]
         return cls(params=sum(sizes), largest_param=max(sizes, default=0))
 
 

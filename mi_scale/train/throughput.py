@@ -46,16 +46,12 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from mi_scale.train.memory import param_numel as _numel
+
 CACHE_FILE = "peak_flops.json"
 
 
 # -- model FLOPs -------------------------------------------------------------------
-
-
-def _numel(p: torch.Tensor) -> int:
-    # Under ZeRO-3 partitioned init a parameter's local tensor is empty and
-    # DeepSpeed keeps the full size in ds_numel.
-    return int(getattr(p, "ds_numel", p.numel()))
 
 
 def transformer_flops_per_token(n_params: int, n_layer: int, d_model: int, seq_len: int) -> int:
