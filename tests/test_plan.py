@@ -122,5 +122,5 @@ def test_prediction_within_25_percent_of_measured_peak_zero2_and_zero3():
     for stage in (2, 3):
         cfg = load(TINY, *SMALL, f"deepspeed.zero_stage={stage}")
         predicted = plan.plan(cfg, advise=False).per_rank_peak_bytes
-        measured = plan.measure(cfg, timeout=300)["peak_bytes"]
+        measured = plan.measure(cfg)["peak_bytes"]
         assert abs(predicted / measured - 1) <= 0.25, (stage, predicted, measured)
