@@ -255,3 +255,49 @@ def test_tiny_gpt_text_config_under_torchrun(tmp_path):
     assert len([k for k in rows[-1] if k.startswith("mi/")]) == 3  # 4 blocks -> 3 pairs
     ev = metrics(cfg.run_dir(), "eval")[-1]
     assert ev["eval_ppl"] == pytest.approx(math.exp(ev["eval_loss"]), rel=1e-9)
+
+
+# -- resume at another world size (train/reshard.py) -------------------------------
+
+
+def _train(rank, world, cfg_dict, resume):
+    from mi_scale.train.worker import run_worker
+    run_worker(config_mod.from_dict(cfg_dict), resume=resume)
+
+
+@pytest.mark.parametrize("stage,old,new", [(2, 2, 1), (2, 1, 2), (3, 2, 1), (3, 1, 2)])
+def test_resume_at_another_world_size_matches_uninterrupted(tmp_path, stage, old, new):
+    """A checkpoint of `old` ranks resumed on `new` ranks continues exactly like
+    a run on `new` ranks from the start: same global batch, same data order,
+    Adam moments resharded (a reset optimizer would change the losses)."""
+    common = (f"deepspeed.zero_stage={stage}", "train.steps=8", "train.checkpoint_every=4", "train.lr=0.01")
+    ref = tiny(tmp_path, *common, f"data.batch_size={32 // new}", name="ref")
+    run_world(new, _train, ref.to_dict(), False)
+    part = tiny(tmp_path, *common, f"data.batch_size={32 // old}", "fault.fail_at_step=4", name="part")
+    with pytest.raises(AssertionError, match="injected fault"):
+        run_world(old, _train, part.to_dict(), False)
+    run_world(new, _train, part.to_dict(), True)
+    a, b = metrics(ref.run_dir()), metrics(part.run_dir())
+    assert [r["step"] for r in b] == list(range(1, 9))  # each step logged once
+    assert [r["data_batch"] for r in b] == [r["data_batch"] for r in a]
+    for x, y in zip(a[4:], b[4:]):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-5), (x["step"], x["loss"], y["loss"])
+    assert b[-1]["samples_seen"] == 8 * 32
+    assert config_mod.load(part.run_dir() / "config.yaml").data.batch_size == 32 // new
+    if stage > 0:
+        assert (part.run_dir() / "checkpoints" / "step-00000004" / "universal" / "zero").is_dir()
+
+
+def test_resume_refuses_a_world_size_that_cannot_keep_the_global_batch(tmp_path):
+    from mi_scale.errors import UserError
+    from mi_scale.train.worker import run_worker
+
+    cfg = tiny(tmp_path, "data.batch_size=15", "train.steps=2", "train.checkpoint_every=2")
+    run_worker(cfg)
+    with pytest.raises(AssertionError) as e:
+        run_world(2, _train, cfg.to_dict(), True)
+    assert (f"UserError: cluster.num_workers: invalid value 2: checkpoint {cfg.run_dir()}/checkpoints/"
+            f"step-00000002 was trained with a global batch of 15 (data.batch_size=15 x 1 ranks), which 2 ranks "
+            f"cannot split evenly; resume with a world size that divides 15 (e.g. cluster.num_workers in "
+            f"[1, 3, 5, 15]), or start a new run") in str(e.value)
+    assert UserError  # the CLI prints it as one `error:` line (mi_scale.errors.user_errors)
