@@ -184,12 +184,12 @@ def test_torchrun_two_ranks_resume_equals_uninterrupted(tmp_path):
     assert [x["loss"] for x in a] == [x["loss"] for x in b]
     assert [x["data_batch"] for x in a] == [x["data_batch"] for x in b]
     assert a[-1]["samples_seen"] == 20 * 16 * 2
-    # and a 2-rank run is not a 1-rank run: the checkpoint knows its world size
-    r = cli("resume", str(full.run_dir()), "--launcher", "local")
-    assert r.returncode == 2
-    assert r.stderr.strip().endswith(
-        "was written by 2 ranks but this run has 1; resume with cluster.num_workers=2 (ZeRO partitions "
-        "optimizer state per rank, and the data order is per-rank)")
+    # a 2-rank checkpoint resumes on 1 rank with the same global batch, and says so
+    r = cli("resume", str(full.run_dir()), "--launcher", "local", "--set", "train.steps=21")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert ("[mi-scale] resuming a 2-rank checkpoint (step 20) on 1 ranks: data.batch_size 16 -> 32 per rank "
+            "keeps the global batch of 32; ZeRO state resharded") in r.stdout.splitlines()
+    assert [x["step"] for x in metrics(full.run_dir())] == list(range(1, 22))
 
 
 def _zero_run(rank, world, cfg_dict):
@@ -265,7 +265,7 @@ def _train(rank, world, cfg_dict, resume):
     run_worker(config_mod.from_dict(cfg_dict), resume=resume)
 
 
-@pytest.mark.parametrize("stage,old,new", [(2, 2, 1), (2, 1, 2), (3, 2, 1), (3, 1, 2)])
+@pytest.mark.parametrize("stage,old,new", [(2, 2, 1), (2, 1, 2), (3, 2, 1), (3, 1, 2), (0, 2, 1)])
 def test_resume_at_another_world_size_matches_uninterrupted(tmp_path, stage, old, new):
     """A checkpoint of `old` ranks resumed on `new` ranks continues exactly like
     a run on `new` ranks from the start: same global batch, same data order,
@@ -301,3 +301,37 @@ def test_resume_refuses_a_world_size_that_cannot_keep_the_global_batch(tmp_path)
             f"cannot split evenly; resume with a world size that divides 15 (e.g. cluster.num_workers in "
             f"[1, 3, 5, 15]), or start a new run") in str(e.value)
     assert UserError  # the CLI prints it as one `error:` line (mi_scale.errors.user_errors)
+
+
+class _Payload:
+    """Unpickling this runs code: it writes a marker file."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (Path(self.marker), "code ran"))
+
+
+@pytest.mark.parametrize("target", ["rank-0000.pt", "mp_rank_00_model_states.pt"])
+def test_resume_refuses_a_pickle_payload_without_running_it(tmp_path, target):
+    """Our rank file and DeepSpeed's model file both load as weights_only: a
+    planted payload is refused with a clear error and never runs."""
+    cfg = tiny(tmp_path, "train.steps=2", "train.checkpoint_every=2", "deepspeed.zero_stage=2")
+    from mi_scale.train.worker import run_worker
+    run_worker(cfg)
+    marker = tmp_path / "pwned"
+    path = cfg.run_dir() / "checkpoints" / "step-00000002" / target
+    state = torch.load(path, weights_only=False)
+    state["evil"] = _Payload(str(marker))
+    torch.save(state, path)
+    r = cli("resume", str(cfg.run_dir()), "--launcher", "local", "--set", "train.steps=4")
+    assert r.returncode == 2, r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: checkpoint file {path} holds objects other than tensors and plain types"
+                           if target.startswith("rank") else
+                           f"error: checkpoint file {path.parent} holds objects other than tensors and plain types")
+    assert last.endswith("refusing to load it, because unpickling them could run code. Resume from a checkpoint "
+                         "you trust (delete this step's folder to fall back to the previous one)")
+    assert not marker.exists()
+    assert [r["step"] for r in metrics(cfg.run_dir())] == [1, 2]  # nothing trained or rewritten
