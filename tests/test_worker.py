@@ -184,12 +184,12 @@ def test_torchrun_two_ranks_resume_equals_uninterrupted(tmp_path):
     assert [x["loss"] for x in a] == [x["loss"] for x in b]
     assert [x["data_batch"] for x in a] == [x["data_batch"] for x in b]
     assert a[-1]["samples_seen"] == 20 * 16 * 2
-    # and a 2-rank run is not a 1-rank run: the checkpoint knows its world size
-    r = cli("resume", str(full.run_dir()), "--launcher", "local")
-    assert r.returncode == 2
-    assert r.stderr.strip().endswith(
-        "was written by 2 ranks but this run has 1; resume with cluster.num_workers=2 (ZeRO partitions "
-        "optimizer state per rank, and the data order is per-rank)")
+    # a 2-rank checkpoint resumes on 1 rank with the same global batch, and says so
+    r = cli("resume", str(full.run_dir()), "--launcher", "local", "--set", "train.steps=21")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert ("[mi-scale] resuming a 2-rank checkpoint (step 20) on 1 ranks: data.batch_size 16 -> 32 per rank "
+            "keeps the global batch of 32; ZeRO state resharded") in r.stdout.splitlines()
+    assert [x["step"] for x in metrics(full.run_dir())] == list(range(1, 22))
 
 
 def _zero_run(rank, world, cfg_dict):
@@ -255,3 +255,83 @@ def test_tiny_gpt_text_config_under_torchrun(tmp_path):
     assert len([k for k in rows[-1] if k.startswith("mi/")]) == 3  # 4 blocks -> 3 pairs
     ev = metrics(cfg.run_dir(), "eval")[-1]
     assert ev["eval_ppl"] == pytest.approx(math.exp(ev["eval_loss"]), rel=1e-9)
+
+
+# -- resume at another world size (train/reshard.py) -------------------------------
+
+
+def _train(rank, world, cfg_dict, resume):
+    from mi_scale.train.worker import run_worker
+    run_worker(config_mod.from_dict(cfg_dict), resume=resume)
+
+
+@pytest.mark.parametrize("stage,old,new", [(2, 2, 1), (2, 1, 2), (3, 2, 1), (3, 1, 2), (0, 2, 1)])
+def test_resume_at_another_world_size_matches_uninterrupted(tmp_path, stage, old, new):
+    """A checkpoint of `old` ranks resumed on `new` ranks continues exactly like
+    a run on `new` ranks from the start: same global batch, same data order,
+    Adam moments resharded (a reset optimizer would change the losses)."""
+    common = (f"deepspeed.zero_stage={stage}", "train.steps=8", "train.checkpoint_every=4", "train.lr=0.01")
+    ref = tiny(tmp_path, *common, f"data.batch_size={32 // new}", name="ref")
+    run_world(new, _train, ref.to_dict(), False)
+    part = tiny(tmp_path, *common, f"data.batch_size={32 // old}", "fault.fail_at_step=4", name="part")
+    with pytest.raises(AssertionError, match="injected fault"):
+        run_world(old, _train, part.to_dict(), False)
+    run_world(new, _train, part.to_dict(), True)
+    a, b = metrics(ref.run_dir()), metrics(part.run_dir())
+    assert [r["step"] for r in b] == list(range(1, 9))  # each step logged once
+    assert [r["data_batch"] for r in b] == [r["data_batch"] for r in a]
+    for x, y in zip(a[4:], b[4:]):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-5), (x["step"], x["loss"], y["loss"])
+    assert b[-1]["samples_seen"] == 8 * 32
+    assert config_mod.load(part.run_dir() / "config.yaml").data.batch_size == 32 // new
+    if stage > 0:
+        assert (part.run_dir() / "checkpoints" / "step-00000004" / "universal" / "zero").is_dir()
+
+
+def test_resume_refuses_a_world_size_that_cannot_keep_the_global_batch(tmp_path):
+    from mi_scale.errors import UserError
+    from mi_scale.train.worker import run_worker
+
+    cfg = tiny(tmp_path, "data.batch_size=15", "train.steps=2", "train.checkpoint_every=2")
+    run_worker(cfg)
+    with pytest.raises(AssertionError) as e:
+        run_world(2, _train, cfg.to_dict(), True)
+    assert (f"UserError: cluster.num_workers: invalid value 2: checkpoint {cfg.run_dir()}/checkpoints/"
+            f"step-00000002 was trained with a global batch of 15 (data.batch_size=15 x 1 ranks), which 2 ranks "
+            f"cannot split evenly; resume with a world size that divides 15 (e.g. cluster.num_workers in "
+            f"[1, 3, 5, 15]), or start a new run") in str(e.value)
+    assert UserError  # the CLI prints it as one `error:` line (mi_scale.errors.user_errors)
+
+
+class _Payload:
+    """Unpickling this runs code: it writes a marker file."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (Path(self.marker), "code ran"))
+
+
+@pytest.mark.parametrize("target", ["rank-0000.pt", "mp_rank_00_model_states.pt"])
+def test_resume_refuses_a_pickle_payload_without_running_it(tmp_path, target):
+    """Our rank file and DeepSpeed's model file both load as weights_only: a
+    planted payload is refused with a clear error and never runs."""
+    cfg = tiny(tmp_path, "train.steps=2", "train.checkpoint_every=2", "deepspeed.zero_stage=2")
+    from mi_scale.train.worker import run_worker
+    run_worker(cfg)
+    marker = tmp_path / "pwned"
+    path = cfg.run_dir() / "checkpoints" / "step-00000002" / target
+    state = torch.load(path, weights_only=False)
+    state["evil"] = _Payload(str(marker))
+    torch.save(state, path)
+    r = cli("resume", str(cfg.run_dir()), "--launcher", "local", "--set", "train.steps=4")
+    assert r.returncode == 2, r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: checkpoint file {path} holds objects other than tensors and plain types"
+                           if target.startswith("rank") else
+                           f"error: checkpoint file {path.parent} holds objects other than tensors and plain types")
+    assert last.endswith("refusing to load it, because unpickling them could run code. Resume from a checkpoint "
+                         "you trust (delete this step's folder to fall back to the previous one)")
+    assert not marker.exists()
+    assert [r["step"] for r in metrics(cfg.run_dir())] == [1, 2]  # nothing trained or rewritten

@@ -9,8 +9,10 @@ fsynced: a crash mid-save leaves the previous checkpoint as the latest.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import pickle
 import random
 import shutil
 import warnings
@@ -29,6 +31,54 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot resume this run; the message says what to do."""
 
 
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint file holding objects that would run code when unpickled."""
+
+
+def _deepspeed_safe_globals() -> list:
+    """The non-tensor types DeepSpeed (0.19) pickles into its checkpoint files,
+    allow-listed one by one for weights_only loading."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+@contextlib.contextmanager
+def safe_deepspeed_loads():
+    """Every torch.load inside, DeepSpeed's own included (they pass
+    weights_only=False), runs as weights_only=True with only DeepSpeed's
+    types allowed: a planted pickle payload raises instead of running."""
+    saved = {k: os.environ.pop(k, None) for k in ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")}
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+            yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def load_rank_state(path: Path) -> dict:
+    """Our own rank file: tensors and plain types only (weights_only=True)."""
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UnsafeCheckpointError(_unsafe_message(path, e)) from None
+
+
+def _unsafe_message(path: Path, e: Exception) -> str:
+    first = str(e).strip().splitlines()
+    detail = next((line for line in first if "GLOBAL" in line or "Unsupported" in line), first[0] if first else "")
+    return (f"checkpoint file {path} holds objects other than tensors and plain types ({detail.strip()}); "
+            f"refusing to load it, because unpickling them could run code. Resume from a checkpoint you trust "
+            f"(delete this step's folder to fall back to the previous one)")
+
+
 def checkpoint_dir(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
@@ -44,13 +94,19 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+    """Tensors and plain types only, so rank files load with weights_only=True."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": {"kind": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
     random.setstate(state["python"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -96,16 +152,21 @@ def save(engine, run_dir: Path, step: int, meta: dict, rank_state: dict, keep_la
     return final
 
 
-def check_compatible(meta: dict, world_size: int, ckpt: Path, training_keys: dict) -> None:
-    """Refuse, before any training, a checkpoint this run cannot continue."""
+def check_compatible(meta: dict, world_size: int, ckpt: Path, training_keys: dict, elastic: bool = False) -> None:
+    """Refuse, before any training, a checkpoint this run cannot continue.
+    `elastic`: a change of world size is resharded (train/reshard.py); the
+    per-rank batch may then differ as long as the global batch is the same."""
     old = meta.get("training_keys", {})
     diff = sorted(k for k in set(old) | set(training_keys) if old.get(k) != training_keys.get(k))
+    if elastic and diff == ["data.batch_size"] and \
+            old["data.batch_size"] * meta.get("world_size") == training_keys["data.batch_size"] * world_size:
+        diff = []
     if diff:
         raise CheckpointError(
             f"checkpoint {ckpt} was written by a different configuration (differs in: "
             f"{', '.join(diff)}); resume with the run's own config.yaml, or start a new "
             f"run with another run.name")
-    if meta.get("world_size") != world_size:
+    if meta.get("world_size") != world_size and not elastic:
         raise CheckpointError(
             f"checkpoint {ckpt} was written by {meta.get('world_size')} ranks but this run has {world_size}; "
             f"resume with cluster.num_workers={meta.get('world_size')} (ZeRO partitions optimizer state "
@@ -124,7 +185,7 @@ def restore_nvme_resident_optimizer_state(engine, ckpt: Path, rank: int) -> None
     files = sorted(ckpt.glob(f"*zero_pp_rank_{rank}_*optim_states.pt"))
     if len(files) != 1:
         raise RuntimeError(f"expected one ZeRO optimizer file for rank {rank} in {ckpt}, found {len(files)}")
-    saved = torch.load(files[0], map_location="cpu", weights_only=False)["optimizer_state_dict"]
+    saved = torch.load(files[0], map_location="cpu", weights_only=True)["optimizer_state_dict"]
     inner = saved["optimizer_state_dict"]
     # Saved state ids follow param_groups order; ZeRO-3 appends its sub-groups'
     # fp32 partitions to their param group in sub-group order when saving.
@@ -152,10 +213,27 @@ def restore_nvme_resident_optimizer_state(engine, ckpt: Path, rank: int) -> None
                 param.data = value.data
 
 
-def load_latest(engine, run_dir: Path, world_size: int, training_keys: dict):
+def _load_deepspeed(engine, ckpt: Path, rank: int) -> None:
+    """DeepSpeed's files of `ckpt`, through the universal format when the
+    engine was built to reshard (train/reshard.py)."""
+    tag = ckpt.name
+    if engine.load_universal_checkpoint():
+        from mi_scale.train.reshard import universal_tag
+        tag = universal_tag(ckpt, rank)
+    with safe_deepspeed_loads():
+        path, _ = engine.load_checkpoint(str(ckpt.parent), tag=tag, load_lr_scheduler_states=True)
+        if path is None:
+            raise RuntimeError("DeepSpeed found no model states")
+        if engine.zero_nvme_offload_optimizer():
+            restore_nvme_resident_optimizer_state(engine, ckpt, rank)
+
+
+def load_latest(engine, run_dir: Path, world_size: int, training_keys: dict, elastic: bool = False):
     """Load the newest checkpoint every rank can read; returns (meta, rank_state)
     or (None, None) when there is none. Corrupt checkpoints are skipped with
-    a warning; incompatible ones raise CheckpointError."""
+    a warning; incompatible or unsafe ones raise CheckpointError. `elastic`:
+    the checkpoint may come from another world size (train/reshard.py); every
+    rank then reads rank 0's file (the data position is global)."""
     rank = dist.get_rank()
     for ckpt in complete_checkpoints(run_dir):
         try:
@@ -163,21 +241,26 @@ def load_latest(engine, run_dir: Path, world_size: int, training_keys: dict):
         except (OSError, ValueError) as e:
             warnings.warn(f"skipping checkpoint {ckpt}: unreadable {META} ({e})")
             continue
-        check_compatible(meta, world_size, ckpt, training_keys)
-        ok, rank_state = True, None
-        try:
-            path, _ = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_lr_scheduler_states=True)
-            if path is None:
-                raise RuntimeError("DeepSpeed found no model states")
-            if engine.zero_nvme_offload_optimizer():
-                restore_nvme_resident_optimizer_state(engine, ckpt, rank)
-            rank_state = torch.load(ckpt / f"rank-{rank:04d}.pt", weights_only=False)
+        resharded = meta.get("world_size") != world_size
+        check_compatible(meta, world_size, ckpt, training_keys, elastic=elastic)
+        status, rank_state, unsafe = 0, None, None
+        try:  # our own file first: a planted payload is refused before DeepSpeed reads anything
+            rank_state = load_rank_state(ckpt / f"rank-{0 if resharded else rank:04d}.pt")
+            _load_deepspeed(engine, ckpt, rank)
+        except (UnsafeCheckpointError, pickle.UnpicklingError) as e:
+            status, unsafe = 2, e
         except Exception as e:  # noqa: BLE001 - any failure to read means: try the previous one
             warnings.warn(f"skipping checkpoint {ckpt}: failed to load ({type(e).__name__}: {e})")
-            ok = False
+            status = 1
         # Every rank must agree, or ranks would resume from different steps.
-        flag = torch.tensor([0 if ok else 1], device=device())
-        dist.all_reduce(flag)
+        flag = torch.tensor([status], device=device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if int(flag) == 2:
+            if isinstance(unsafe, UnsafeCheckpointError):
+                raise unsafe
+            raise UnsafeCheckpointError(_unsafe_message(ckpt, unsafe) if unsafe else
+                                        f"checkpoint {ckpt} holds a file another rank refused to unpickle "
+                                        f"(see that rank's error); resume from a checkpoint you trust")
         if int(flag) == 0:
             return meta, rank_state
     return None, None

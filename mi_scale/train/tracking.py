@@ -115,7 +115,13 @@ class Tracker:
     def close(self) -> None:
         self.metrics.close()
         if self.wandb is not None:
+            import wandb
+
             self.wandb.finish()
+            # finish() returns once the run is marked done; the service may still be
+            # writing run-<id>.wandb. teardown() waits for it to flush and stop, so the
+            # file is complete when the worker returns (in-process callers read it).
+            wandb.teardown()
 
 
 def _hms(seconds: float) -> str:

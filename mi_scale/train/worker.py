@@ -129,9 +129,15 @@ def run_worker(cfg: Config, resume: bool = False, on_checkpoint=None) -> dict:
         run_dir.mkdir(parents=True, exist_ok=True)
     barrier()
 
+    reshard = None
+    if resume:  # another world size than the checkpoint's: keep the global batch (train/reshard.py)
+        from mi_scale.train import reshard as reshard_mod
+        reshard = reshard_mod.plan(cfg, world)
     seed_everything(cfg.run.seed)  # identical model init on every rank
     bundle = build_data(cfg.data, cfg.run.seed)
     objective, ds_conf = build_objective(cfg, bundle, world)
+    if reshard is not None:
+        ds_conf = reshard_mod.deepspeed_config(ds_conf, cfg)
     engine = build_engine(cfg, objective, ds_conf)
     batches = ShardedBatches(bundle.train, cfg.data.batch_size, rank, world, cfg.run.seed, cfg.data.shuffle)
     seed_everything(cfg.run.seed * 1000 + rank + 1)  # per-rank streams (dropout)
@@ -139,13 +145,19 @@ def run_worker(cfg: Config, resume: bool = False, on_checkpoint=None) -> dict:
     start_step, samples_seen = 0, 0
     if resume:
         t_load = time.perf_counter()
-        meta, rank_state = checkpoint.load_latest(engine, run_dir, world, cfg.training_keys())
+        meta, rank_state = checkpoint.load_latest(engine, run_dir, world, cfg.training_keys(),
+                                                   elastic=reshard is not None)
         t_load = time.perf_counter() - t_load
         if meta is not None:
             start_step, samples_seen = meta["step"], meta["samples_seen"]
             batches.load_state_dict(rank_state["data"])
-            checkpoint.set_rng_state(rank_state["rng"])
+            if meta["world_size"] == world:
+                checkpoint.set_rng_state(rank_state["rng"])
+            else:
+                reshard_mod.reseed(cfg.run.seed, rank, start_step)
             if rank == 0:
+                if reshard is not None:
+                    print(reshard.message(), flush=True)
                 print(f"[mi-scale] resumed from {run_dir / 'checkpoints' / meta['tag']} at step {start_step} "
                       f"(loaded in {t_load:.1f} s)", flush=True)
         elif rank == 0:
