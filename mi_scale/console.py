@@ -177,11 +177,13 @@ class Relay:
             self.handle(item)
 
     def handle(self, item: dict) -> None:
-        if "line" in item:
+        if "event" not in item:
             _print(item["line"])
             return
         kind = item["event"]
         if kind == "phase":
+            if item["name"] in self.phases:
+                return  # a restarted group: its recovery line says enough
             self.phases[item["name"]] = item["at"] - T0
         elif kind == "failure":
             self.failure = item  # printed with the step the group resumes from

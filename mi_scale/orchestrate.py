@@ -148,28 +148,28 @@ def _train_on_worker(cfg: Config, loop_config: dict, rank: int) -> None:
 
 
 def _callbacks(queue, retries: int) -> list:
-    """Controller-side hooks: the recovery line and two start-up phases."""
-    from ray.train import UserCallback
+    """Controller-side hooks (Ray Train's callback classes): the recovery
+    line when the controller restarts the worker group, and the resource and
+    worker-group start-up phases."""
+    try:
+        from ray.train.v2._internal.execution.callback import ControllerCallback, WorkerGroupCallback
+        from ray.train.v2._internal.execution.controller.state import RestartingState
+    except ImportError:  # another Ray version: no recovery line or phases, the run is unchanged
+        return []
 
-    class Recovery(UserCallback):
+    class RunEvents(ControllerCallback, WorkerGroupCallback):
         def __init__(self):
-            self.failures = 0
+            self.restarts = 0
 
-        def after_exception(self, run_context, worker_exceptions):
-            self.failures += 1
-            if 0 <= retries < self.failures:
-                return  # out of retries: the driver prints the error
-            rank = min(worker_exceptions)
-            queue.put({"event": "failure", "rank": rank, "cause": _describe(worker_exceptions[rank]),
-                       "attempt": self.failures, "retries": retries})
+        def after_controller_state_update(self, previous_state, current_state):
+            if not isinstance(current_state, RestartingState):
+                return
+            self.restarts += 1
+            errors = getattr(current_state.training_failed_error, "worker_failures", None) or {}
+            rank, cause = _first_failure(errors) if errors else ("?", "failed")
+            queue.put({"event": "failure", "rank": rank, "cause": cause, "attempt": self.restarts,
+                       "retries": retries})
 
-    out = [Recovery()]
-    try:  # Ray Train's own worker-group hooks (internal API): resource and group phases
-        from ray.train.v2._internal.execution.callback import WorkerGroupCallback
-    except ImportError:
-        return out
-
-    class Phases(WorkerGroupCallback):
         def before_worker_group_start(self, worker_group_context):
             queue.put({"event": "phase", "name": "resources requested", "at": time.time(),
                        "detail": f"{worker_group_context.num_workers} workers"})
@@ -177,29 +177,30 @@ def _callbacks(queue, retries: int) -> list:
         def after_worker_group_start(self, worker_group):
             queue.put({"event": "phase", "name": "worker group started", "at": time.time(), "detail": ""})
 
-    return out + [Phases()]
+    return [RunEvents()]
+
+
+def _first_failure(worker_exceptions: dict) -> tuple[int, str]:
+    """The rank that failed first and how: a worker whose process is gone
+    (the others then fail on the broken connection), else the lowest rank."""
+    lost = [r for r, e in worker_exceptions.items() if _process_lost(e)]
+    rank = min(lost or worker_exceptions)
+    return rank, _describe(worker_exceptions[rank])
+
+
+def _process_lost(exc: BaseException) -> bool:
+    from ray.exceptions import ActorDiedError
+
+    return isinstance(getattr(exc, "health_check_failure", None), ActorDiedError) or isinstance(exc, ActorDiedError)
 
 
 def _describe(exc: BaseException) -> str:
-    """`died (...)` for a worker process that is gone, else `failed: <error>`."""
-    from ray.exceptions import ActorDiedError
-
-    failure = getattr(exc, "health_check_failure", None)  # Ray Train's wrapper of a lost worker
-    if isinstance(failure, ActorDiedError) or isinstance(exc, ActorDiedError):
-        ctx = getattr(failure or exc, "actor_died_error_context", None) or getattr(failure or exc, "error_msg", "")
-        return f"died ({_death_reason(str(ctx))})"
+    if _process_lost(exc):
+        # Ray reports only that the process is gone (killed, crashed, or out of memory).
+        return "died (its process was killed or crashed)"
     cause = _root_cause(exc)
-    first = str(cause).strip().splitlines()
-    return f"failed: {type(cause).__name__}: {first[0] if first else ''}"
-
-
-def _death_reason(text: str) -> str:
-    for signal_name in ("SIGKILL", "SIGTERM", "SIGSEGV", "SIGABRT"):
-        if signal_name in text:
-            return signal_name
-    if "out of memory" in text.lower() or "OOM" in text:
-        return "out of memory"
-    return "process exited"
+    text = str(cause).strip().splitlines()
+    return f"failed: {type(cause).__name__}: {text[0] if text else ''}"
 
 
 def run(cfg: Config, resume: bool = False, verbose: bool = False) -> dict:
@@ -250,8 +251,9 @@ def run(cfg: Config, resume: bool = False, verbose: bool = False) -> dict:
         if isinstance(cause, user_errors()):
             raise cause from None
         logging.getLogger("mi_scale").exception("training failed")
-        raise RunFailed(f"training failed after {relay_failures(relay)}: {_describe_final(e)}; "
-                        f"full trace in {driver_log} and {logs}/rank-*.log") from e
+        raise RunFailed(f"training failed: {_describe_final(e)}, after {len(relay.recoveries)} of "
+                        f"cluster.max_failures={c.max_failures} restarts; full trace in {driver_log} "
+                        f"and {logs}/rank-*.log") from e
     finally:
         relay.close()
         if started:
@@ -260,18 +262,14 @@ def run(cfg: Config, resume: bool = False, verbose: bool = False) -> dict:
     return _summary_from_run_dir(run_dir)
 
 
-def relay_failures(relay) -> str:
-    n = len(relay.recoveries)
-    return f"{n} restart{'s' if n != 1 else ''} of the worker group"
-
-
 def _describe_final(e: BaseException) -> str:
     errs = getattr(e, "worker_failures", None)
     if isinstance(errs, dict) and errs:
-        rank = min(errs)
-        return f"worker rank {rank} {_describe(errs[rank])}"
+        rank, cause = _first_failure(errs)
+        return f"worker rank {rank} {cause}"
     cause = _root_cause(e)
-    return f"{type(cause).__name__}: {str(cause).strip().splitlines()[0] if str(cause).strip() else ''}"
+    text = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {text[0] if text else ''}"
 
 
 def _log_driver(path: Path, verbose: bool) -> Path:
