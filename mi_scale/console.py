@@ -160,7 +160,8 @@ class Relay:
         self.phases: dict[str, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="mi-scale-console", daemon=True)
-        self._thread.start()
+        if queue is not None:
+            self._thread.start()
 
     def _run(self) -> None:
         from ray.util.queue import Empty
@@ -199,7 +200,8 @@ class Relay:
 
     def close(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=30)
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
 
 
 def _retries(n: int) -> str:

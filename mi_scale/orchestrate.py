@@ -21,6 +21,7 @@ import os
 import shutil
 import socket
 import time
+import traceback
 from pathlib import Path
 
 from mi_scale import console
@@ -107,6 +108,9 @@ def _train_loop(loop_config: dict) -> None:
         if rank == 0:
             console.phase("worker group ready")
         _train_on_worker(cfg, loop_config, rank)
+    except BaseException:
+        traceback.print_exc()  # the full trace, in this rank's log file
+        raise
     finally:
         if capture is not None:
             capture.close()
