@@ -11,6 +11,12 @@ cluster.storage_path (a local folder or s3:// / gs:// URI) and keeps the last
 train.keep_last. When a worker dies and cluster.max_failures allows,
 Ray restarts the worker group and the workers resume from the latest complete
 run-dir checkpoint, or from Ray's copy if the run dir has none (a fresh node).
+
+Console: workers and the controller send our lines to the driver through a
+Ray queue (mi_scale/console.py); Ray's log streaming is off unless --verbose.
+A callback on the Ray Train controller reports the start-up phases and each
+restart of the worker group; the driver prints the restart as one line with
+the step the group resumed from.
 """
 
 from __future__ import annotations
@@ -66,8 +72,9 @@ def start_ray(cfg: Config, verbose: bool = False):
     logging_config = ray.LoggingConfig(log_level="INFO" if verbose else "WARNING")
     if c.address:
         _check_address(c.address)
+        # The nodes bring their own environment; only the library switches travel.
         ray.init(address=c.address, logging_level="WARNING", log_to_driver=verbose, logging_config=logging_config,
-                 runtime_env={"env_vars": _worker_env(cfg)})
+                 runtime_env={"env_vars": console.library_env(c.use_gpu)})
         return True
     cpus = os.cpu_count() or 1
     need = c.num_workers * c.cpus_per_worker
