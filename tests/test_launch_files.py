@@ -211,7 +211,7 @@ def test_readme_covers_every_launch_file_and_topic():
         if path.name != "README.md":
             assert f"`{path.name}`" in text, f"launch/README.md does not mention {path.name}"
     for topic in ("WANDB_API_KEY", "cluster.storage_path", "data.path", "mi-scale resume RUN_DIR --address auto",
-                  "s3://", "gs://", "templates"):
+                  "s3://", "gs://", "templates", "RAY_AUTH_MODE=token", "RAY_AUTH_TOKEN"):
         assert topic in text, topic
 
 
