@@ -2,7 +2,9 @@
 
 Every user error (bad config, missing file, bad checkpoint) prints one
 `error: ...` line naming the field, value and fix, and exits with status 2
-before any work starts.
+before any work starts. A run that fails for good (a worker failed and
+cluster.max_failures is spent) prints one `error: ...` line with the cause
+and the log file holding the trace, and exits with status 1.
 """
 
 from __future__ import annotations
@@ -10,7 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mi_scale.errors import UserError, user_errors
+from mi_scale import console  # noqa: F401  (its clock starts with the command)
+from mi_scale.errors import RunFailed, UserError, user_errors
 
 
 def _add_config_args(p: argparse.ArgumentParser, config_required: bool = False) -> None:
@@ -26,6 +29,8 @@ def _add_launch_args(p: argparse.ArgumentParser) -> None:
                         "or one rank under torchrun/deepspeed when RANK is set")
     p.add_argument("--address", default=None,
                    help="existing Ray cluster: 'auto' or 'ray://host:10001' (default: embedded local Ray)")
+    p.add_argument("--verbose", action="store_true",
+                   help="also show Ray's, DeepSpeed's and torch's own output (default: in RUN_DIR/logs/)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     except user_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RunFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -133,10 +141,12 @@ def _dispatch(args) -> int:
     if args.command == "train":
         cfg = config.load(args.config, args.overrides)  # validate before importing heavy deps
         from mi_scale import launcher
-        return launcher.launch(cfg, launcher=args.launcher, address=args.address, resume=args.resume)
+        return launcher.launch(cfg, launcher=args.launcher, address=args.address, resume=args.resume,
+                               verbose=args.verbose)
     if args.command == "resume":
         from mi_scale import launcher
-        return launcher.resume(args.run_dir, args.overrides, launcher=args.launcher, address=args.address)
+        return launcher.resume(args.run_dir, args.overrides, launcher=args.launcher, address=args.address,
+                               verbose=args.verbose)
     if args.command == "sweep":
         from mi_scale import sweep
         return sweep.run_grid(args.grid, output_dir=args.output_dir, address=args.address,

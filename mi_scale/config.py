@@ -222,11 +222,13 @@ class ClusterConfig:
 
 @dataclass
 class FaultConfig:
-    """Test-only fault injection: one worker raises once at a chosen step."""
+    """Test-only fault injection: one worker raises, or is killed, once at a chosen step."""
     fail_at_step: Optional[int] = None
     fail_rank: int = 0
     # kill the process (no cleanup) while writing the checkpoint of this step
     kill_during_checkpoint: Optional[int] = None
+    # rank fail_rank kills its own process with SIGKILL once, at the start of this step
+    kill_at_step: Optional[int] = None
 
 
 @dataclass

@@ -17,6 +17,7 @@ import json
 import os
 import random
 import resource
+import signal
 import sys
 import time
 from pathlib import Path
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from mi_scale import __version__
+from mi_scale import __version__, console
 from mi_scale import config as config_mod
 from mi_scale.config import Config
 from mi_scale.train import checkpoint, throughput
@@ -122,6 +123,7 @@ def run_worker(cfg: Config, resume: bool = False, on_checkpoint=None) -> dict:
     from mi_scale.data import ShardedBatches, build_data
     from mi_scale.train.engine import build_engine, check_nvme_offload
 
+    t_setup = time.perf_counter()
     check_nvme_offload(cfg)
     rank, world = init_process_group()
     run_dir = cfg.run_dir()
@@ -157,11 +159,13 @@ def run_worker(cfg: Config, resume: bool = False, on_checkpoint=None) -> dict:
                 reshard_mod.reseed(cfg.run.seed, rank, start_step)
             if rank == 0:
                 if reshard is not None:
-                    print(reshard.message(), flush=True)
-                print(f"[mi-scale] resumed from {run_dir / 'checkpoints' / meta['tag']} at step {start_step} "
-                      f"(loaded in {t_load:.1f} s)", flush=True)
+                    console.say(reshard.message())
+                console.event("resumed", step=start_step, line=(
+                    f"[mi-scale] resumed from {run_dir / 'checkpoints' / meta['tag']} at step {start_step} "
+                    f"(loaded in {t_load:.1f} s)"))
         elif rank == 0:
-            print(f"[mi-scale] no valid checkpoint in {run_dir / 'checkpoints'}: starting at step 0", flush=True)
+            console.event("resumed", step=0, line=(
+                f"[mi-scale] no valid checkpoint in {run_dir / 'checkpoints'}: starting at step 0"))
     tracker = None
     if rank == 0:  # only now, after the checkpoint proved compatible, touch the run dir's files
         config_mod.save(cfg, run_dir / "config.yaml")
@@ -179,8 +183,10 @@ def run_worker(cfg: Config, resume: bool = False, on_checkpoint=None) -> dict:
         cfg.data.batch_size, t.grad_accum, world, tokens_per_sample)
     peak = throughput.agreed_peak_flops_per_s(dev, torch.bfloat16 if engine.bfloat16_enabled() else torch.float32)
     if rank == 0 and peak is None:
-        print("[mi-scale] no peak FLOP/s known for this device: set MI_SCALE_PEAK_FLOPS (per rank) "
-              "to log mfu", flush=True)
+        console.say("[mi-scale] no peak FLOP/s known for this device: set MI_SCALE_PEAK_FLOPS (per rank) "
+                    "to log mfu")
+    if rank == 0:
+        console.phase("workers set up", detail=f"data, model, engine in {time.perf_counter() - t_setup:.1f} s")
     last_eval: dict = {}
     try:
         for step in range(start_step, t.steps):
@@ -223,6 +229,8 @@ def run_worker(cfg: Config, resume: bool = False, on_checkpoint=None) -> dict:
                 row.update({f"mi/{k}": v for k, v in mi_values.items()})
                 row["mi_mean"] = sum(mi_values.values()) / len(mi_values)
             if tracker is not None:
+                if step == start_step:
+                    console.phase("first step", detail=f"step {done}")
                 tracker.log(done, row)
                 if done % t.log_every == 0 or done == t.steps:
                     tracker.progress(done, row)
@@ -231,8 +239,8 @@ def run_worker(cfg: Config, resume: bool = False, on_checkpoint=None) -> dict:
                 last_eval = evaluate(engine, bundle.test, cfg, rank, world)
                 if tracker is not None:
                     tracker.log(done, last_eval)
-                    print(f"eval  {done:>6}/{t.steps} | " + " | ".join(
-                        f"{k} {v:.4f}" for k, v in last_eval.items() if k != "split"), flush=True)
+                    console.say(f"eval  {done:>6}/{t.steps} | " + " | ".join(
+                        f"{k} {v:.4f}" for k, v in last_eval.items() if k != "split"))
             if done % t.checkpoint_every == 0 or done == t.steps:
                 meta = {"samples_seen": samples_seen, "world_size": world, "config_hash": cfg.training_hash(),
                         "training_keys": cfg.training_keys(), "wandb_id": tracker.wandb_id if tracker else None,
@@ -243,8 +251,8 @@ def run_worker(cfg: Config, resume: bool = False, on_checkpoint=None) -> dict:
                                        kill_at=cfg.fault.kill_during_checkpoint)
                 if rank == 0:
                     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-                    print(f"[mi-scale] checkpoint {path.name}: {size / 2**30:.2f} GiB, saved in "
-                          f"{time.perf_counter() - t_save:.1f} s", flush=True)
+                    console.say(f"[mi-scale] checkpoint {path.name}: {size / 2**30:.2f} GiB, saved in "
+                                f"{time.perf_counter() - t_save:.1f} s")
                 if on_checkpoint is not None:
                     on_checkpoint(path, done, {**row, **last_eval})
     finally:
@@ -256,8 +264,14 @@ def run_worker(cfg: Config, resume: bool = False, on_checkpoint=None) -> dict:
 
 
 def _maybe_inject_fault(cfg: Config, run_dir: Path, rank: int, step: int) -> None:
-    """Test-only: rank fault.fail_rank raises once when reaching fault.fail_at_step."""
+    """Test-only: rank fault.fail_rank raises once when reaching fault.fail_at_step,
+    or kills its own process with SIGKILL once at fault.kill_at_step."""
     f = cfg.fault
+    if f.kill_at_step is not None and rank == f.fail_rank and step == f.kill_at_step:
+        marker = run_dir / f".fault-killed-step{f.kill_at_step}-rank{f.fail_rank}"
+        if not marker.exists():
+            marker.write_text("1")
+            os.kill(os.getpid(), signal.SIGKILL)
     if f.fail_at_step is None or rank != f.fail_rank or step != f.fail_at_step:
         return
     marker = run_dir / f".fault-injected-step{f.fail_at_step}-rank{f.fail_rank}"
