@@ -139,13 +139,15 @@ class GaussianMI(nn.Module):
 
         Cost, versus L-1 separate `forward` calls: each layer is standardized
         once; the L diagonal and L-1 off-diagonal covariance blocks come from
-        two batched matmuls; ONE batched Cholesky of the L-1 joint (2K, 2K)
-        matrices gives everything else, since for joint = [[A, B], [B^T, C]]
-        its leading block factor is chol(A) and its trailing block factor is
-        chol(C - B^T A^-1 B). So I_l = 1/2 (logdet C_{l+1} - logdet Schur_l),
-        and logdet C_{l+1} is the leading block of pair l+1 (one extra K x K
-        factorization for the last layer). No host sync unless
-        bias_correction (a host-side constant) is on.
+        two batched matmuls; each layer's (K, K) block is factorized once
+        (shared by its two pairs). For joint = [[A, B], [B^T, C]],
+        logdet joint = logdet A + logdet S with the Schur complement
+        S = C - W^T W, W = chol(A)^-1 B, so
+        I = 1/2 (logdet A + logdet C - logdet joint) = 1/2 (logdet C - logdet S):
+        one batched triangular solve, one batched matmul and one batched
+        (K, K) Cholesky for all pairs. Only (K, K) factorizations: on CPU a
+        (2K, 2K) one costs ~7x a (K, K) one (measured, K=64). No host sync
+        unless bias_correction (a host-side constant) is on.
         """
         if len(layers) < 2:
             raise EstimatorError(f"gaussian.chain needs at least 2 layers, got {len(layers)}")
@@ -162,21 +164,18 @@ class GaussianMI(nn.Module):
         s = self.shrinkage
         eye = torch.eye(k, dtype=dtype, device=z_LNK.device)
         zt_LKN = z_LNK.transpose(1, 2)
-        diag_LKK = torch.bmm(zt_LKN, z_LNK) * ((1 - s) / n) + s * eye
+        diag_LKK = torch.baddbmm(eye, zt_LKN, z_LNK, beta=s, alpha=(1 - s) / n)  # shrunk correlations
         off_PKK = torch.bmm(zt_LKN[:-1], z_LNK[1:]) * ((1 - s) / n)
-        joint_PDD = torch.cat([torch.cat([diag_LKK[:-1], off_PKK], 2),
-                               torch.cat([off_PKK.transpose(1, 2), diag_LKK[1:]], 2)], 1)
-        chol_PDD, info_P = torch.linalg.cholesky_ex(joint_PDD)
-        last_KK, info_last = torch.linalg.cholesky_ex(diag_LKK[-1])
-        ok_P = (info_P == 0) & (info_last == 0)
+        chol_LKK, info_L = torch.linalg.cholesky_ex(diag_LKK)
+        w_PKK = torch.linalg.solve_triangular(chol_LKK[:-1], off_PKK, upper=False)
+        schur_PKK = torch.baddbmm(diag_LKK[1:], w_PKK.transpose(1, 2), w_PKK, alpha=-1.0)
+        chol_s_PKK, info_P = torch.linalg.cholesky_ex(schur_PKK)
+        ok_P = (info_L[:-1] == 0) & (info_L[1:] == 0) & (info_P == 0)
         # A failed factorization (only possible for tiny shrinkage) gives NaN
         # for its pairs, without a host check; log(1) keeps the graph finite.
-        d_PD = torch.where(ok_P[:, None], torch.diagonal(chol_PDD, dim1=1, dim2=2), 1.0)
-        d_K = torch.where(ok_P.all(), torch.diagonal(last_KK), 1.0)
-        half_logdet_lead_P = d_PD[:, :k].log().sum(1)  # 1/2 logdet of layer l, l = 0..L-2
-        half_logdet_schur_P = d_PD[:, k:].log().sum(1)
-        half_logdet_next_P = torch.cat([half_logdet_lead_P[1:], d_K.log().sum()[None]])
-        mi_P = half_logdet_next_P - half_logdet_schur_P
+        d_LK = torch.where((info_L == 0)[:, None], torch.diagonal(chol_LKK, dim1=1, dim2=2), 1.0)
+        d_PK = torch.where((info_P == 0)[:, None], torch.diagonal(chol_s_PKK, dim1=1, dim2=2), 1.0)
+        mi_P = d_LK[1:].log().sum(1) - d_PK.log().sum(1)  # halves of the log-dets
         mi_P = torch.where(ok_P, mi_P, float("nan"))
         if self.bias_correction:
             varying_LK = torch.diagonal(diag_LKK, dim1=1, dim2=2).detach() > s + (1 - s) * 0.5

@@ -329,7 +329,10 @@ class MIRegularizer(nn.Module):
         # the MI values below (no extra host sync). Until then the estimators
         # see zeros in their place, so neither the value nor any gradient
         # (torch.where passes none to the masked branch) carries a NaN.
-        finite_L = torch.isfinite(gathered.detach()).view(len(gathered), num_layers, self.k).all(2).all(0)
+        # Column sums are non-finite iff a column holds NaN/Inf (or values so
+        # large that the covariance would overflow anyway): cheaper than
+        # isfinite on every entry.
+        finite_L = torch.isfinite(gathered.detach().sum(0)).view(num_layers, self.k).all(1)
         all_finite = finite_L.all()
         gathered = torch.where(all_finite, gathered, torch.zeros((), dtype=gathered.dtype, device=gathered.device))
         per_layer = gathered.split(self.k, dim=1)
