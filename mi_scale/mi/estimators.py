@@ -31,7 +31,7 @@ class EstimatorError(ValueError):
 def _standardize(x_NK: torch.Tensor) -> torch.Tensor:
     """Zero-mean, unit-variance columns; constant columns become exactly 0."""
     x_NK = x_NK - x_NK.mean(0, keepdim=True)
-    var_K = x_NK.pow(2).mean(0, keepdim=True)
+    var_K = (x_NK * x_NK).mean(0, keepdim=True)
     return x_NK * torch.rsqrt(var_K + _EPS)
 
 
@@ -155,11 +155,15 @@ class GaussianMI(nn.Module):
             _check_pair(layers[0], a, finite=False)
             if a.shape[1] != layers[0].shape[1]:
                 raise EstimatorError(f"gaussian.chain needs equal widths, got {[t.shape[1] for t in layers]}")
-        n, k, num = layers[0].shape[0], layers[0].shape[1], len(layers)
-        cat_NC = torch.cat(layers, 1)
+        return self.chain_concat(torch.cat(layers, 1), layers[0].shape[1])
+
+    def chain_concat(self, cat_NC: torch.Tensor, k: int) -> torch.Tensor:
+        """`chain` on the layers already side by side: (N, L*K), layer l in
+        columns l*K:(l+1)*K (saves a copy when the caller holds them so)."""
+        n, num = cat_NC.shape[0], cat_NC.shape[1] // k
         if self.check_finite:
             _check_pair(cat_NC, cat_NC[:, :0])
-        dtype = self.chain_dtype(layers[0])
+        dtype = self.chain_dtype(cat_NC)
         z_LNK = _standardize(cat_NC.to(dtype)).view(n, num, k).transpose(0, 1)
         s = self.shrinkage
         eye = torch.eye(k, dtype=dtype, device=z_LNK.device)
@@ -182,7 +186,7 @@ class GaussianMI(nn.Module):
             counts = varying_LK.sum(1).tolist()
             mi_P = mi_P - torch.tensor([self._bias(n, a, b) for a, b in zip(counts[:-1], counts[1:])],
                                        dtype=dtype, device=mi_P.device)
-        return mi_P.to(_out_dtype(layers[0]))
+        return mi_P.to(_out_dtype(cat_NC))
 
 
 def _logdet_spd(a_DD: torch.Tensor) -> torch.Tensor:

@@ -309,9 +309,11 @@ class MIRegularizer(nn.Module):
 
         # One all-gather for all layers: (n, L K) -> (N, L K). float64 sketches
         # (a float64 model) stay float64; everything else computes in float32.
-        fractions = token_fractions(self.seed, step, self.tokens_per_sample)
-        local = torch.cat([(sketches[name] if selected else select_tokens(sketches[name], fractions))
-                           for name in self._order], 1)
+        if selected:
+            local = torch.cat([sketches[name] for name in self._order], 1)
+        else:
+            fractions = token_fractions(self.seed, step, self.tokens_per_sample)
+            local = torch.cat([select_tokens(sketches[name], fractions) for name in self._order], 1)
         if local.dtype != torch.float64:
             local = local.float()
         if not grad:
@@ -340,8 +342,6 @@ class MIRegularizer(nn.Module):
         owners = assign_pairs(num_layers - 1, size)
         values = torch.zeros(len(owners) + num_layers, dtype=torch.float32, device=device)
         weight = self.schedule.weight_at(step)
-        pair_w = torch.tensor([weight * (self.pair_weights[p] if self.pair_weights is not None else 1.0)
-                               for p in range(len(owners))], dtype=gathered.dtype, device=device)
         reg = gathered.sum() * 0.0  # keeps every rank in the backward collective
         mine = [p for p, owner in enumerate(owners) if owner == rank]  # contiguous (assign_pairs)
         if self.critics:
@@ -359,7 +359,7 @@ class MIRegularizer(nn.Module):
                     continue
                 values[p] = mi.detach()
                 if grad:
-                    reg = reg - pair_w[p] * mi * size
+                    reg = reg - weight * (self.pair_weights[p] if self.pair_weights else 1.0) * size * mi
         elif mine:
             lo, hi = mine[0], mine[-1] + 1
             est = self._shared_estimator
@@ -367,13 +367,17 @@ class MIRegularizer(nn.Module):
                 # Parameter-free estimators are not called as modules: ranks
                 # own different numbers of pairs, and ZeRO-3 requires the same
                 # sequence of module calls on every rank.
-                if isinstance(est, estimators.GaussianMI):
-                    mi_P = est.chain(list(per_layer[lo:hi + 1]))  # all my pairs in one batch
+                if isinstance(est, estimators.GaussianMI):  # all my pairs in one batch
+                    mi_P = est.chain_concat(gathered[:, lo * self.k:(hi + 1) * self.k], self.k)
                 else:
                     mi_P = torch.stack([est.forward(per_layer[p], per_layer[p + 1]) for p in mine])
             values[lo:hi] = mi_P.detach().float()
             if grad:
-                reg = reg - (pair_w[lo:hi] * mi_P.to(pair_w.dtype)).sum() * size
+                if self.pair_weights is None:
+                    reg = reg - (weight * size) * mi_P.sum()
+                else:
+                    w_P = torch.tensor(self.pair_weights[lo:hi], dtype=mi_P.dtype, device=mi_P.device)
+                    reg = reg - (weight * size) * (w_P * mi_P).sum()
         if rank == 0:
             values[len(owners):] = (~finite_L).float()  # the same on every rank: counted once
         reg = torch.where(all_finite, reg, torch.zeros((), dtype=reg.dtype, device=reg.device))
