@@ -68,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "memory); gpu: bf16 GPT training and estimators on a CUDA GPU")
     p.add_argument("--steps", type=int, default=20, help="mi-overhead: timed steps per configuration")
     p.add_argument("--ranks", default="1,2", help="mi-overhead: world sizes to measure, e.g. 1,2")
+    p.add_argument("--cases", default=None, help="mi-overhead: comma-separated cases (default: mlp,gpt-5m,main)")
     p.add_argument("--sizes", default=None,
                    help="scale: comma-separated presets (default: gpt-1m,gpt-5m,gpt-125m,gpt-350m); "
                         "gpu: default gpt-350m,gpt-1.3b")
@@ -136,7 +137,8 @@ def _dispatch(args) -> int:
             from mi_scale import gpu_check
             gpu_check.run(out_dir=args.out, sizes=sizes)
         else:
-            bench.mi_overhead(steps=args.steps, ranks=[int(r) for r in args.ranks.split(",")], out_dir=args.out)
+            bench.mi_overhead(steps=args.steps, ranks=[int(r) for r in args.ranks.split(",")], out_dir=args.out,
+                              cases=args.cases.split(",") if args.cases else None)
         return 0
     if args.command == "train":
         cfg = config.load(args.config, args.overrides)  # validate before importing heavy deps

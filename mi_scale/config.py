@@ -105,6 +105,10 @@ class MIConfig:
     log_every: int = 1  # steps at which MI is measured without gradient for logging
     warmup_steps: int = 0  # linear ramp of the weight from 0
     pair_weights: Optional[list] = None  # per-pair multipliers, len = number of pairs
+    # NaN/Inf in a hooked layer's sketches: error = stop naming the layer pair
+    # and step; skip = drop the MI term for that step (counted in metrics.jsonl
+    # as mi_skipped_nonfinite). Not part of the checkpoint compatibility keys.
+    on_nonfinite: Literal["error", "skip"] = "error"
 
     def validate(self, p: str) -> None:
         _check(self.sketch_dim >= 1, f"{p}.sketch_dim", self.sketch_dim, "use sketch_dim >= 1")
@@ -262,7 +266,7 @@ class Config:
         cluster settings may change."""
         d = self.to_dict()
         keys = {f"{sec}.{k}": v for sec in ("model", "data", "mi") for k, v in d[sec].items()
-                if (sec, k) != ("mi", "log_every")}
+                if (sec, k) not in {("mi", "log_every"), ("mi", "on_nonfinite")}}
         keys.update({f"train.{k}": d["train"][k] for k in ("lr", "weight_decay", "grad_accum", "precision")})
         keys.update({"deepspeed.zero_stage": d["deepspeed"]["zero_stage"], "run.seed": d["run"]["seed"]})
         return keys

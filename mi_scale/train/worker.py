@@ -74,7 +74,8 @@ def build_objective(cfg: Config, bundle, world: int):
     reg = MIRegularizer(model, layers, estimator=m.estimator, sketch=m.sketch, sketch_dim=m.sketch_dim,
                         tokens_per_sample=m.tokens_per_sample, weight=m.weight, seed=cfg.run.seed,
                         every=m.every, log_every=m.log_every, warmup_steps=m.warmup_steps,
-                        pair_weights=m.pair_weights, estimator_kwargs=m.estimator_kwargs)
+                        pair_weights=m.pair_weights, estimator_kwargs=m.estimator_kwargs,
+                        on_nonfinite=m.on_nonfinite)
     # creates learned sketches / critics before the optimizer exists
     reg.discover(bundle.train[:2]["x"].to("meta"), shape_model=twin)
     return Objective(model, reg, bundle.task), ds_conf
@@ -225,6 +226,8 @@ def run_worker(cfg: Config, resume: bool = False, on_checkpoint=None) -> dict:
             gn = engine.get_global_grad_norm()
             if gn is not None:
                 row["grad_norm"] = float(gn)
+            if cfg.mi.on_nonfinite == "skip":  # MI terms dropped for NaN/Inf so far in this process
+                row["mi_skipped_nonfinite"] = objective.regularizer.skipped_nonfinite
             if mi_values:
                 row.update({f"mi/{k}": v for k, v in mi_values.items()})
                 row["mi_mean"] = sum(mi_values.values()) / len(mi_values)
