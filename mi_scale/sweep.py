@@ -42,19 +42,27 @@ def _trial(overrides: list[str], run_dir: str) -> tuple[int, float]:
     return rc, time.perf_counter() - t0
 
 
-def run_grid(grid: str, output_dir: str = "runs/sweep", address: str | None = None,
+def run_grid(grid: str | list[str], output_dir: str = "runs/sweep", address: str | None = None,
              parallel: int | None = None, overrides: list[str] | None = None) -> int:
+    """Run every trial of one grid or several (their trials share one queue,
+    in the order given; run names must not repeat across grids)."""
     import ray
 
     from mi_scale.report import expand_grid, write_report
 
-    runs = []
-    for name, group, ov in expand_grid(grid):
-        ov = ov + [f"run.output_dir={output_dir}"] + list(overrides or [])
-        cfg = load(None, ov)  # validated here: a bad override fails before anything starts
-        runs.append((name, ov, cfg.run_dir(), cfg.train.steps))
+    grids = [grid] if isinstance(grid, str) else list(grid)
+    runs, seen = [], {}
+    for g in grids:
+        for name, group, ov in expand_grid(g):
+            if name in seen:
+                raise ConfigError(f"{g}: run {name!r} is also in {seen[name]}: rename the arm in one grid")
+            seen[name] = g
+            ov = ov + [f"run.output_dir={output_dir}"] + list(overrides or [])
+            cfg = load(None, ov)  # validated here: a bad override fails before anything starts
+            runs.append((name, ov, cfg.run_dir(), cfg.train.steps))
     todo = [r for r in runs if not _finished(r[2], r[3])]
-    print(f"[mi-scale] sweep {grid}: {len(runs)} trials, {len(runs) - len(todo)} already finished", flush=True)
+    print(f"[mi-scale] sweep {' '.join(grids)}: {len(runs)} trials, {len(runs) - len(todo)} already finished",
+          flush=True)
 
     if todo:
         cpus = os.cpu_count() or 1

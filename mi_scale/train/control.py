@@ -11,9 +11,10 @@ norm, into the same layers:
 where h = (h_l) are the outputs of the hooked layers (mi.layers), R_t is the
 MI term the raise-MI arm with the same mi.weight would add at this step, and
 probe_l is a per-layer linear probe to the labels (next tokens for an LM).
-The scale is recomputed on every step the MI term is computed, so the
-gradient norm delivered to the hooked layers equals the raise-MI arm's at
-every step, not just at the start. The MI term itself is measured (and
+The scale is re-measured on the first step and then every 10 steps (each
+measurement costs two extra backward passes), so the gradient norm
+delivered to the hooked layers tracks the raise-MI term's through training,
+not just at the start. The MI term itself is measured (and
 logged) but not added to the loss.
 
 The scale needs two autograd.grad calls inside the forward; at ZeRO-3 those
@@ -37,8 +38,10 @@ class DeepSupervision(nn.Module):
     gradient norm. Call `attach(model, layer_names)` once; each forward of
     the model then keeps the hooked layers' outputs for `loss`."""
 
-    def __init__(self, widths: dict[str, int], num_classes: int):
+    def __init__(self, widths: dict[str, int], num_classes: int, every: int = 10):
         super().__init__()
+        self.every = every  # re-measure the matching scale every N steps (two extra backward passes)
+        self.scale: float | None = None
         self.layer_names = list(widths)
         self.probes = nn.ModuleList(nn.Linear(w, num_classes) for w in widths.values())
         self._acts: dict[str, torch.Tensor] = {}
@@ -77,21 +80,24 @@ class DeepSupervision(nn.Module):
                   for p, h in zip(self.probes, acts)]
         return torch.stack(losses).mean(), acts
 
-    def loss(self, y: torch.Tensor, mi_term: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        """The scaled probe loss (to add to the task loss) and what was
+    def loss(self, y: torch.Tensor, mi_term: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """The scaled probe loss (to add to the task loss) and, on the steps
+        that re-measure the scale (the first, then every `every`-th), what was
         matched: {"control_scale", "control_grad_norm", "mi_grad_norm"}.
         `mi_term` is the regularizer's loss (with graph) at this step; when
         it has no graph (a step without the MI term) the probes stay off."""
         ds, acts = self.probe_loss(y)
         if not mi_term.requires_grad:
             return ds * 0.0, {}
+        if self.scale is not None and step % self.every != 0:
+            return self.scale * ds, {}
         # retain_graph: these graphs share the network's forward with the task loss
         g_mi = torch.autograd.grad(mi_term, acts, retain_graph=True, allow_unused=True)
         g_ds = torch.autograd.grad(ds, acts, retain_graph=True, allow_unused=True)
         n_mi, n_ds = _norm(g_mi), _norm(g_ds)
-        scale = (n_mi / n_ds.clamp_min(1e-12)).detach()
-        return scale * ds, {"control_scale": float(scale), "control_grad_norm": float(scale * n_ds),
-                            "mi_grad_norm": float(n_mi)}
+        self.scale = float(n_mi / n_ds.clamp_min(1e-12))
+        return self.scale * ds, {"control_scale": self.scale, "control_grad_norm": float(self.scale * n_ds),
+                                 "mi_grad_norm": float(n_mi)}
 
 
 def _norm(grads) -> torch.Tensor:

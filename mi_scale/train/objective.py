@@ -31,7 +31,7 @@ class Objective(nn.Module):
         task_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
         reg_loss, mi = self.regularizer.loss(step)
         if self.control is not None:
-            reg_loss, self.extras = self.control.loss(y, reg_loss)
+            reg_loss, self.extras = self.control.loss(y, reg_loss, step)
         return task_loss + reg_loss, task_loss.detach(), reg_loss.detach(), mi
 
     @torch.no_grad()
