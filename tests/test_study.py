@@ -188,3 +188,28 @@ def test_micro_study_sweep_renders_every_plot(tmp_path):
                 hit = [r["step"] for r in ev if r["eval_accuracy"] >= 0.15]
             assert got == (min(hit) if hit else None), (group, run_name)
             assert arm["saturation_per_seed"][0] == pytest.approx(_recompute(out / run_name, 0.15)[0], nan_ok=True)
+
+
+def test_grid_cells_expand_to_arm_at_cell_groups(tmp_path):
+    from mi_scale.report import expand_grid
+    runs = expand_grid(ROOT / "configs" / "paper" / "depth.yaml")
+    assert len(runs) == 8 * 6 * 3
+    name, group, ov = next(r for r in runs if r[0] == "control-w0.01@relu-d32-s1")
+    assert group == "control-w0.01@relu-d32"
+    cfg = load(None, ov)
+    assert (cfg.model.depth, cfg.model.activation, cfg.mi.control, cfg.mi.weight, cfg.run.seed) == \
+        (32, "relu", "deep_supervision", 0.01, 1)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("arms: {a: {}}\ncells:\n  - {name: x, model.depth: 2}\n  - {name: x, model.depth: 3}\n")
+    with pytest.raises(ConfigError, match=r"cells: duplicate name\(s\) \['x'\]: give each cell its own name"):
+        expand_grid(bad)
+    bad.write_text("arms: {a: {}}\ncells:\n  - {model.depth: 2}\n")
+    with pytest.raises(ConfigError, match=r"cells\[0\]: invalid value .*: use a mapping with a 'name'"):
+        expand_grid(bad)
+
+
+def test_sweep_refuses_a_run_name_in_two_grids():
+    from mi_scale.sweep import run_grid
+    grid = str(ROOT / "configs" / "paper" / "micro-lm.yaml")
+    with pytest.raises(ConfigError, match=r"run 'lm-w0-s0' is also in .*micro-lm.yaml: rename the arm in one grid"):
+        run_grid([grid, grid], output_dir="/nonexistent")
