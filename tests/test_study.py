@@ -165,7 +165,7 @@ def test_micro_study_sweep_renders_every_plot(tmp_path):
     assert summary["anchor_arm"] == "anchor"
     assert summary["anchor_final_accuracy"] == summary["arms"]["anchor"]["final_per_seed"][0]
     assert {a["role"] for a in summary["arms"].values()} == {"baseline", "raise", "lower", "control", "residual"}
-    assert set(summary["depth_groups"]["tanh"]["control-w1"]) == {2, 4}
+    assert set(summary["depth_groups"]["tanh"]["control-w1"]) == {"2", "4"}  # JSON keys
     # the control logged its matched norms, equal by construction at each re-measured step
     rows = [json.loads(line) for line in (out / "control-w1@tanh-d4-s0" / "metrics.jsonl").read_text().splitlines()]
     matched = [r for r in rows if "control_grad_norm" in r]
