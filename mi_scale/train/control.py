@@ -9,13 +9,16 @@ norm, into the same layers:
     scale_t = ||d R_t / d h|| / ||d CE_DS / d h||        (detached)
 
 where h = (h_l) are the outputs of the hooked layers (mi.layers), R_t is the
-MI term the raise-MI arm with the same mi.weight would add at this step, and
-probe_l is a per-layer linear probe to the labels (next tokens for an LM).
+MI term that a raise-MI arm with the same mi.weight would add at this step
+on this network's current state (d/dh: total derivatives, through later
+layers too), and probe_l is a per-layer linear probe to the labels (next
+tokens for an LM).
 The scale is re-measured on the first step and then every 10 steps (each
 measurement costs two extra backward passes), so the gradient norm
 delivered to the hooked layers tracks the raise-MI term's through training,
-not just at the start. The MI term itself is measured (and
-logged) but not added to the loss.
+not just at the start. The MI term itself is measured (and logged) but
+not added to the loss. Logged on re-measured steps: control_scale,
+control_grad_norm and mi_grad_norm (equal by construction).
 
 The scale needs two autograd.grad calls inside the forward; at ZeRO-3 those
 would fire DeepSpeed's parameter gather/reduce hooks outside engine.backward,
@@ -35,7 +38,7 @@ def _output(out):
 
 class DeepSupervision(nn.Module):
     """Per-hooked-layer linear probes whose loss is scaled to the MI term's
-    gradient norm. Call `attach(model, layer_names)` once; each forward of
+    gradient norm. Call `attach(model)` once; each forward of
     the model then keeps the hooked layers' outputs for `loss`."""
 
     def __init__(self, widths: dict[str, int], num_classes: int, every: int = 10):
