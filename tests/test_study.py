@@ -149,6 +149,7 @@ def test_saturation_and_steps_to_threshold_match_metrics_files(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # 13 short trials: ~3 min idle, but 15+ on a machine shared 10 ways
 def test_micro_study_sweep_renders_every_plot(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
     grids = [str(ROOT / "configs" / "paper" / g) for g in ("micro-anchor.yaml", "micro-depth.yaml", "micro-lm.yaml")]
