@@ -305,10 +305,11 @@ def verdict(s: dict) -> list[str]:
                    f"{len(rows)} cells: " + (", ".join(f"{c['arm']} d{c['depth']} {c['verdict']} "
                                                       f"({_diff(c)})" for c in rows) or "none") + ".")
     for c in s["lm_comparisons"]:
-        a = arms[c["arm"]]
-        out.append(f"LM: {c['arm']} vs {c['vs']}, {c['metric']}: {c['verdict']} ({_diff(c)}); "
-                   f"steps to ppl <= {tp:g}: {_ci(a['steps_to_threshold'], '.0f')} ({a['n_reached']}/"
-                   f"{len(a['seeds'])} seeds) vs {_ci(arms[c['vs']]['steps_to_threshold'], '.0f')}.")
+        a, b = arms[c["arm"]], arms[c["vs"]]
+        speed = (f"; steps to ppl <= {tp:g}: {_ci(a['steps_to_threshold'], '.0f')} ({a['n_reached']}/"
+                 f"{len(a['seeds'])} seeds) vs {_ci(b['steps_to_threshold'], '.0f')} ({b['n_reached']}/"
+                 f"{len(b['seeds'])})" if c["metric"] == "final eval ppl" else "")
+        out.append(f"LM: {c['arm']} vs {c['vs']}, {c['metric']}: {c['verdict']} ({_diff(c)}){speed}.")
     return out
 
 
