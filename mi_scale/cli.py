@@ -51,10 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="plots and report.md from one or more run dirs")
     p.add_argument("run_dirs", nargs="+", help="run dirs (or folders holding run dirs)")
     p.add_argument("--out", default="report", help="report folder (default: ./report)")
-    p.add_argument("--target-accuracy", type=float, default=None)
+    p.add_argument("--target-accuracy", type=float, default=None,
+                   help="accuracy threshold for steps-to-target (study default: 0.5)")
+    p.add_argument("--target-ppl", type=float, default=None,
+                   help="language-model eval perplexity threshold for steps-to-target (study default: 11)")
 
     p = sub.add_parser("sweep", help="run a grid (configs/paper/grid.yaml) as parallel Ray trials, then report")
-    p.add_argument("grid", help="grid YAML with base, seeds and arms")
+    p.add_argument("grid", nargs="+", help="grid YAML(s) with base, seeds, arms (and cells); several share one queue")
     p.add_argument("--address", default=None, help="existing Ray cluster (default: embedded local Ray)")
     p.add_argument("--output-dir", default="runs/sweep", help="where the trial run dirs go")
     p.add_argument("--parallel", type=int, default=None, help="trials at once (default: CPU count)")
@@ -121,7 +124,8 @@ def _dispatch(args) -> int:
     if args.command == "report":
         from mi_scale import report
         try:
-            path = report.write_report(args.run_dirs, args.out, target_accuracy=args.target_accuracy)
+            path = report.write_report(args.run_dirs, args.out, target_accuracy=args.target_accuracy,
+                                        target_ppl=args.target_ppl)
         except report.ReportError as e:
             raise UserError(str(e)) from None
         print(f"wrote {path}")

@@ -109,6 +109,9 @@ class MIConfig:
     # and step; skip = drop the MI term for that step (counted in metrics.jsonl
     # as mi_skipped_nonfinite). Not part of the checkpoint compatibility keys.
     on_nonfinite: Literal["error", "skip"] = "error"
+    # deep_supervision: replace the MI term by per-layer label probes whose
+    # gradient norm at the hooked layers matches the term's (train/control.py)
+    control: Literal["none", "deep_supervision"] = "none"
 
     def validate(self, p: str) -> None:
         _check(self.sketch_dim >= 1, f"{p}.sketch_dim", self.sketch_dim, "use sketch_dim >= 1")
@@ -252,6 +255,11 @@ class Config:
             section = getattr(self, f.name)
             if hasattr(section, "validate"):
                 section.validate(f.name)
+        # the control's autograd.grad inside forward (train/control.py) cannot run under ZeRO-3's hooks
+        _check(self.mi.control == "none" or self.deepspeed.zero_stage != 3, "mi.control", self.mi.control,
+               "the matched-gradient control cannot run at deepspeed.zero_stage=3: use stage 0, 1 or 2")
+        _check(self.mi.control == "none" or self.mi.weight != 0, "mi.weight", self.mi.weight,
+               "mi.control=deep_supervision matches the MI term's gradient at mi.weight: set a nonzero weight")
         return self
 
     def to_dict(self) -> dict:

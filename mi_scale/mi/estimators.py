@@ -468,3 +468,14 @@ def build(name: str, **kwargs) -> nn.Module:
         return REGISTRY[name](**kwargs)
     except TypeError as e:
         raise EstimatorError(f"estimator {name!r}: bad arguments {kwargs}: {e}") from None
+
+
+def gaussian_ceiling(k: int, shrinkage: float) -> float:
+    """Largest value GaussianMI(shrinkage, bias_correction=False) can report
+    for two k-dim sketches: y a copy of x with uncorrelated columns. Each of
+    the k dims then has the shrunk 2x2 correlation [[1, 1-s], [1-s, 1]] with
+    determinant s(2-s), so I = -k/2 log(s(2-s)) (13.29 nats for k=16, s=0.1).
+    A logged MI near it says the estimator is saturated, not the layers."""
+    if not 0.0 < shrinkage < 1.0:
+        raise EstimatorError(f"gaussian_ceiling: shrinkage must be in (0, 1), got {shrinkage!r}")
+    return -0.5 * k * math.log(shrinkage * (2.0 - shrinkage))

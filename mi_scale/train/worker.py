@@ -78,7 +78,13 @@ def build_objective(cfg: Config, bundle, world: int):
                         on_nonfinite=m.on_nonfinite)
     # creates learned sketches / critics before the optimizer exists
     reg.discover(bundle.train[:2]["x"].to("meta"), shape_model=twin)
-    return Objective(model, reg, bundle.task), ds_conf
+    control = None
+    if m.control == "deep_supervision":
+        from mi_scale.train.control import DeepSupervision
+        widths = DeepSupervision.widths(twin, reg.layer_names, bundle.train[:2]["x"].to("meta"))
+        control = DeepSupervision(widths, bundle.num_classes or bundle.vocab_size)
+        control.attach(model)
+    return Objective(model, reg, bundle.task, control), ds_conf
 
 
 @torch.no_grad()
@@ -228,6 +234,7 @@ def run_worker(cfg: Config, resume: bool = False, on_checkpoint=None) -> dict:
                 row["grad_norm"] = float(gn)
             if cfg.mi.on_nonfinite == "skip":  # MI terms dropped for NaN/Inf so far in this process
                 row["mi_skipped_nonfinite"] = objective.regularizer.skipped_nonfinite
+            row.update(engine.module.extras)  # mi.control's matched gradient norms
             if mi_values:
                 row.update({f"mi/{k}": v for k, v in mi_values.items()})
                 row["mi_mean"] = sum(mi_values.values()) / len(mi_values)
