@@ -60,22 +60,12 @@ def _temp_dir(cfg: Config) -> str:
     return f"/tmp/ray-mi-{key}"
 
 
-def start_ray(cfg: Config, verbose: bool = False):
-    import ray
-
+def check_cluster(cfg: Config) -> None:
+    """Errors a user can fix, before anything is started or written."""
     c = cfg.cluster
-    if ray.is_initialized():
-        return False
-    # Worker output reaches the console through our queue (mi_scale/console.py),
-    # not Ray's log streaming, which repeats lines on an existing cluster and
-    # carries every library's chatter; --verbose turns the streaming back on.
-    logging_config = ray.LoggingConfig(log_level="INFO" if verbose else "WARNING")
     if c.address:
         _check_address(c.address)
-        # The nodes bring their own environment; only the library switches travel.
-        ray.init(address=c.address, logging_level="WARNING", log_to_driver=verbose, logging_config=logging_config,
-                 runtime_env={"env_vars": console.library_env(c.use_gpu)})
-        return True
+        return
     cpus = os.cpu_count() or 1
     need = c.num_workers * c.cpus_per_worker
     if need > cpus:
@@ -87,6 +77,25 @@ def start_ray(cfg: Config, verbose: bool = False):
         if gpus < c.num_workers:
             raise ConfigError(f"cluster.use_gpu=true with cluster.num_workers={c.num_workers} needs "
                               f"{c.num_workers} GPUs but this machine has {gpus}")
+
+
+def start_ray(cfg: Config, verbose: bool = False):
+    """Connect to cluster.address, or start an embedded Ray (after check_cluster)."""
+    import ray
+
+    c = cfg.cluster
+    if ray.is_initialized():
+        return False
+    # Worker output reaches the console through our queue (mi_scale/console.py),
+    # not Ray's log streaming, which repeats lines on an existing cluster and
+    # carries every library's chatter; --verbose turns the streaming back on.
+    logging_config = ray.LoggingConfig(log_level="INFO" if verbose else "WARNING")
+    if c.address:
+        # The nodes bring their own environment; only the library switches travel.
+        ray.init(address=c.address, logging_level="WARNING", log_to_driver=verbose, logging_config=logging_config,
+                 runtime_env={"env_vars": console.library_env(c.use_gpu)})
+        return True
+    cpus = os.cpu_count() or 1
     ray.init(num_cpus=cpus, include_dashboard=False, logging_level="WARNING", log_to_driver=verbose,
              logging_config=logging_config, _temp_dir=_temp_dir(cfg), runtime_env={"env_vars": _worker_env(cfg)})
     return True
@@ -228,6 +237,7 @@ def run(cfg: Config, resume: bool = False, verbose: bool = False) -> dict:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    check_cluster(cfg)
     run_dir = cfg.run_dir().resolve()
     cfg.run.output_dir = str(run_dir.parent)  # workers may start in another cwd
     logs = console.log_dir(run_dir)
