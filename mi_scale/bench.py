@@ -29,13 +29,36 @@ CASES = {
     # name: (builder, per-rank batch, tokens per sample in the data)
     "mlp": "DeepMLP depth 8 width 128 on 40-dim input, batch 256/rank",
     "gpt-5m": "GPT preset gpt-5m, vocab 256, seq 64, batch 32/rank",
+    "main": "the main job's embedded config (mi-scale train, no --config): its model, per-rank batch and "
+            "mi section (sketch_dim, tokens, weight, estimator); random inputs of its data's shape",
 }
 
 
+def _main_job():
+    """The embedded default config, and the MIRegularizer arguments it implies."""
+    from mi_scale import config as config_mod
+
+    cfg = config_mod.load(None, [])
+    m = cfg.mi
+    return cfg, {"layers": m.layers, "estimator": m.estimator, "sketch": m.sketch, "sketch_dim": m.sketch_dim,
+                 "tokens_per_sample": m.tokens_per_sample, "weight": m.weight, "pair_weights": m.pair_weights,
+                 "estimator_kwargs": m.estimator_kwargs}
+
+
 def _build(case: str):
-    from mi_scale.models import DeepMLP, build_gpt
+    from mi_scale.models import DeepMLP, build_gpt, build_model
 
     g = torch.Generator().manual_seed(0)
+    if case == "main":
+        from mi_scale.data import build_data
+
+        cfg, _ = _main_job()
+        bundle = build_data(cfg.data, cfg.run.seed)
+        model = build_model(cfg.model, input_dim=bundle.input_dim, num_classes=bundle.num_classes,
+                            vocab_size=bundle.vocab_size, seq_len=bundle.seq_len)
+        x_shape = tuple(bundle.train[:1]["x"].shape[1:])
+        x = torch.randn(cfg.data.batch_size, *x_shape, generator=g)
+        return model, x, torch.randint(0, bundle.num_classes, (cfg.data.batch_size,), generator=g)
     if case == "mlp":
         model = DeepMLP(40, 10, depth=8, width=128)
         x = torch.randn(256, 40, generator=g)
@@ -52,9 +75,12 @@ def _measure(rank: int, world: int, case: str, steps: int, k: int, p: int) -> di
 
     torch.manual_seed(0)
     variants = {}
+    mi_args = _main_job()[1] if case == "main" else {
+        "layers": ["blocks.*"], "sketch_dim": k, "tokens_per_sample": p, "weight": 0.1}
+    k, p = mi_args["sketch_dim"], mi_args["tokens_per_sample"]
     for name in ("without", "with"):
         model, x, y = _build(case)
-        reg = MIRegularizer(model, ["blocks.*"], sketch_dim=k, tokens_per_sample=p, weight=0.1) if name == "with" else None
+        reg = MIRegularizer(model, **mi_args) if name == "with" else None
         net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         variants[name] = (net, reg, opt, x, y)
@@ -129,13 +155,18 @@ def _run(case: str, world: int, steps: int, k: int, p: int) -> dict:
 
 
 def mi_overhead(steps: int = 20, ranks: list[int] = (1, 2), out_dir: str = "runs/bench",
-                k: int = 64, p: int = 8, log=print) -> list[dict]:
+                k: int = 64, p: int = 8, cases: list[str] | None = None, log=print) -> list[dict]:
+    if cases is not None and not set(cases) <= set(CASES):
+        from mi_scale.errors import UserError
+        raise UserError(f"--cases: {sorted(set(cases) - set(CASES))} unknown; choose from {', '.join(CASES)}")
     rows = []
-    log(f"mi-overhead: gaussian, k={k}, P={p}, all adjacent pairs, every step; {steps} timed steps per "
+    _, main_mi = _main_job()
+    log(f"mi-overhead: gaussian, k={k}, P={p} (main: its config's k={main_mi['sketch_dim']}, "
+        f"P={main_mi['tokens_per_sample']}), all adjacent pairs, every step; {steps} timed steps per "
         f"variant, interleaved; 1 thread per rank")
     log(f"{'case':<8} {'ranks':>5} {'without ms':>11} {'with ms':>9} {'ratio':>7} "
         f"{'gather/step':>12} {'raw/step':>10} {'raw/sketch':>10}")
-    for case in CASES:
+    for case in cases or CASES:
         for world in ranks:
             res = _run(case, world, steps, k, p)
             w, wo = statistics.median(res["with"]), statistics.median(res["without"])

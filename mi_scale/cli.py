@@ -2,7 +2,9 @@
 
 Every user error (bad config, missing file, bad checkpoint) prints one
 `error: ...` line naming the field, value and fix, and exits with status 2
-before any work starts.
+before any work starts. A run that fails for good (a worker failed and
+cluster.max_failures is spent) prints one `error: ...` line with the cause
+and the log file holding the trace, and exits with status 1.
 """
 
 from __future__ import annotations
@@ -10,7 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mi_scale.errors import UserError, user_errors
+from mi_scale import console  # noqa: F401  (its clock starts with the command)
+from mi_scale.errors import RunFailed, UserError, user_errors
 
 
 def _add_config_args(p: argparse.ArgumentParser, config_required: bool = False) -> None:
@@ -26,6 +29,8 @@ def _add_launch_args(p: argparse.ArgumentParser) -> None:
                         "or one rank under torchrun/deepspeed when RANK is set")
     p.add_argument("--address", default=None,
                    help="existing Ray cluster: 'auto' or 'ray://host:10001' (default: embedded local Ray)")
+    p.add_argument("--verbose", action="store_true",
+                   help="also show Ray's, DeepSpeed's and torch's own output (default: in RUN_DIR/logs/)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,10 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="plots and report.md from one or more run dirs")
     p.add_argument("run_dirs", nargs="+", help="run dirs (or folders holding run dirs)")
     p.add_argument("--out", default="report", help="report folder (default: ./report)")
-    p.add_argument("--target-accuracy", type=float, default=None)
+    p.add_argument("--target-accuracy", type=float, default=None,
+                   help="accuracy threshold for steps-to-target (study default: 0.5)")
+    p.add_argument("--target-ppl", type=float, default=None,
+                   help="language-model eval perplexity threshold for steps-to-target (study default: 11)")
 
     p = sub.add_parser("sweep", help="run a grid (configs/paper/grid.yaml) as parallel Ray trials, then report")
-    p.add_argument("grid", help="grid YAML with base, seeds and arms")
+    p.add_argument("grid", nargs="+", help="grid YAML(s) with base, seeds, arms (and cells); several share one queue")
     p.add_argument("--address", default=None, help="existing Ray cluster (default: embedded local Ray)")
     p.add_argument("--output-dir", default="runs/sweep", help="where the trial run dirs go")
     p.add_argument("--parallel", type=int, default=None, help="trials at once (default: CPU count)")
@@ -63,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "memory); gpu: bf16 GPT training and estimators on a CUDA GPU")
     p.add_argument("--steps", type=int, default=20, help="mi-overhead: timed steps per configuration")
     p.add_argument("--ranks", default="1,2", help="mi-overhead: world sizes to measure, e.g. 1,2")
+    p.add_argument("--cases", default=None, help="mi-overhead: comma-separated cases (default: mlp,gpt-5m,main)")
     p.add_argument("--sizes", default=None,
                    help="scale: comma-separated presets (default: gpt-1m,gpt-5m,gpt-125m,gpt-350m); "
                         "gpu: default gpt-350m,gpt-1.3b")
@@ -94,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     except user_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RunFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -112,7 +124,8 @@ def _dispatch(args) -> int:
     if args.command == "report":
         from mi_scale import report
         try:
-            path = report.write_report(args.run_dirs, args.out, target_accuracy=args.target_accuracy)
+            path = report.write_report(args.run_dirs, args.out, target_accuracy=args.target_accuracy,
+                                        target_ppl=args.target_ppl)
         except report.ReportError as e:
             raise UserError(str(e)) from None
         print(f"wrote {path}")
@@ -128,15 +141,18 @@ def _dispatch(args) -> int:
             from mi_scale import gpu_check
             gpu_check.run(out_dir=args.out, sizes=sizes)
         else:
-            bench.mi_overhead(steps=args.steps, ranks=[int(r) for r in args.ranks.split(",")], out_dir=args.out)
+            bench.mi_overhead(steps=args.steps, ranks=[int(r) for r in args.ranks.split(",")], out_dir=args.out,
+                              cases=args.cases.split(",") if args.cases else None)
         return 0
     if args.command == "train":
         cfg = config.load(args.config, args.overrides)  # validate before importing heavy deps
         from mi_scale import launcher
-        return launcher.launch(cfg, launcher=args.launcher, address=args.address, resume=args.resume)
+        return launcher.launch(cfg, launcher=args.launcher, address=args.address, resume=args.resume,
+                               verbose=args.verbose)
     if args.command == "resume":
         from mi_scale import launcher
-        return launcher.resume(args.run_dir, args.overrides, launcher=args.launcher, address=args.address)
+        return launcher.resume(args.run_dir, args.overrides, launcher=args.launcher, address=args.address,
+                               verbose=args.verbose)
     if args.command == "sweep":
         from mi_scale import sweep
         return sweep.run_grid(args.grid, output_dir=args.output_dir, address=args.address,

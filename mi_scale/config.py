@@ -105,6 +105,13 @@ class MIConfig:
     log_every: int = 1  # steps at which MI is measured without gradient for logging
     warmup_steps: int = 0  # linear ramp of the weight from 0
     pair_weights: Optional[list] = None  # per-pair multipliers, len = number of pairs
+    # NaN/Inf in a hooked layer's sketches: error = stop naming the layer pair
+    # and step; skip = drop the MI term for that step (counted in metrics.jsonl
+    # as mi_skipped_nonfinite). Not part of the checkpoint compatibility keys.
+    on_nonfinite: Literal["error", "skip"] = "error"
+    # deep_supervision: replace the MI term by per-layer label probes whose
+    # gradient norm at the hooked layers matches the term's (train/control.py)
+    control: Literal["none", "deep_supervision"] = "none"
 
     def validate(self, p: str) -> None:
         _check(self.sketch_dim >= 1, f"{p}.sketch_dim", self.sketch_dim, "use sketch_dim >= 1")
@@ -222,11 +229,13 @@ class ClusterConfig:
 
 @dataclass
 class FaultConfig:
-    """Test-only fault injection: one worker raises once at a chosen step."""
+    """Test-only fault injection: one worker raises, or is killed, once at a chosen step."""
     fail_at_step: Optional[int] = None
     fail_rank: int = 0
     # kill the process (no cleanup) while writing the checkpoint of this step
     kill_during_checkpoint: Optional[int] = None
+    # rank fail_rank kills its own process with SIGKILL once, at the start of this step
+    kill_at_step: Optional[int] = None
 
 
 @dataclass
@@ -246,6 +255,11 @@ class Config:
             section = getattr(self, f.name)
             if hasattr(section, "validate"):
                 section.validate(f.name)
+        # the control's autograd.grad inside forward (train/control.py) cannot run under ZeRO-3's hooks
+        _check(self.mi.control == "none" or self.deepspeed.zero_stage != 3, "mi.control", self.mi.control,
+               "the matched-gradient control cannot run at deepspeed.zero_stage=3: use stage 0, 1 or 2")
+        _check(self.mi.control == "none" or self.mi.weight != 0, "mi.weight", self.mi.weight,
+               "mi.control=deep_supervision matches the MI term's gradient at mi.weight: set a nonzero weight")
         return self
 
     def to_dict(self) -> dict:
@@ -260,7 +274,7 @@ class Config:
         cluster settings may change."""
         d = self.to_dict()
         keys = {f"{sec}.{k}": v for sec in ("model", "data", "mi") for k, v in d[sec].items()
-                if (sec, k) != ("mi", "log_every")}
+                if (sec, k) not in {("mi", "log_every"), ("mi", "on_nonfinite")}}
         keys.update({f"train.{k}": d["train"][k] for k in ("lr", "weight_decay", "grad_accum", "precision")})
         keys.update({"deepspeed.zero_stage": d["deepspeed"]["zero_stage"], "run.seed": d["run"]["seed"]})
         return keys

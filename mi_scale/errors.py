@@ -19,3 +19,8 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from mi_scale.models.errors import ModelError
     from mi_scale.train.checkpoint import CheckpointError
     return (ConfigError, UserError, DataError, ModelError, RegularizerError, EstimatorError, CheckpointError)
+
+
+class RunFailed(Exception):
+    """A run that failed for good (out of retries): one line with the cause and
+    where the full trace is; the CLI exits with status 1."""

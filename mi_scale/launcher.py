@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mi_scale import config as config_mod
+from mi_scale import console
 from mi_scale.config import Config, ConfigError
 
 # Settings that may change when a run resumes; everything else must match.
@@ -17,21 +18,41 @@ RESUMABLE = ("train.steps", "train.eval_every", "train.log_every", "train.checkp
              "train.keep_last", "train.eval_batches", "tracking.", "cluster.", "fault.", "mi.log_every")
 
 
-def launch(cfg: Config, launcher: str = "ray", address: str | None = None, resume: bool = False) -> int:
+def launch(cfg: Config, launcher: str = "ray", address: str | None = None, resume: bool = False,
+           verbose: bool = False) -> int:
     if address is not None:
         cfg.cluster.address = address
     if launcher == "local":
-        from mi_scale.train.worker import run_worker
-        summary = run_worker(cfg, resume=resume)
-        _print_summary(summary)
-        return 0
-    from mi_scale import orchestrate
-    summary = orchestrate.run(cfg, resume=resume)
+        summary = _run_local(cfg, resume, verbose)
+    else:
+        from mi_scale import orchestrate
+        summary = orchestrate.run(cfg, resume=resume, verbose=verbose)
     _print_summary(summary)
     return 0
 
 
-def resume(run_dir: str, overrides: list[str], launcher: str = "ray", address: str | None = None) -> int:
+def _run_local(cfg: Config, resume: bool, verbose: bool) -> dict:
+    """The worker in this process; its library output goes to logs/rank-R.log
+    unless verbose, our lines (rank 0) to the console."""
+    import os
+
+    console.quiet_libraries(verbose)
+    if not verbose:
+        for k, v in console.library_env(cfg.cluster.use_gpu).items():
+            os.environ.setdefault(k, v)
+    rank = int(os.environ.get("RANK", "0"))
+    capture = None if verbose else console.LogCapture(
+        console.log_dir(cfg.run_dir()) / f"rank-{rank}.log", keep_console=rank == 0)
+    from mi_scale.train.worker import run_worker
+    try:
+        return run_worker(cfg, resume=resume)
+    finally:
+        if capture is not None:
+            capture.close()
+
+
+def resume(run_dir: str, overrides: list[str], launcher: str = "ray", address: str | None = None,
+           verbose: bool = False) -> int:
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise ConfigError(f"run dir {run_dir!r} has no config.yaml: pass the folder of an existing run "
@@ -45,24 +66,24 @@ def resume(run_dir: str, overrides: list[str], launcher: str = "ray", address: s
     # The run dir is where it is now, even if the run was moved.
     cfg.run.output_dir = str(Path(run_dir).resolve().parent)
     cfg.run.name = Path(run_dir).resolve().name
-    return launch(cfg, launcher=launcher, address=address, resume=True)
+    return launch(cfg, launcher=launcher, address=address, resume=True, verbose=verbose)
 
 
 def _print_summary(summary: dict) -> None:
     if not summary:
         return
     run_dir = Path(summary["run_dir"])
-    print("\n== mi-scale run summary ==")
+    console.say("\n== mi-scale run summary ==")
     for key in ("eval_accuracy", "eval_loss", "eval_ppl"):
         if key in summary:
-            print(f"  final {key:<14} {summary[key]:.4f}")
+            console.say(f"  final {key:<14} {summary[key]:.4f}")
     mi = {k[3:]: v for k, v in summary.items() if k.startswith("mi/")}
     if mi:
-        print("  sketched MI per adjacent pair (nats):")
+        console.say("  sketched MI per adjacent pair (nats):")
         for pair, v in mi.items():
-            print(f"    {pair:<28} {v:8.3f}")
-    print(f"  config       {run_dir / 'config.yaml'}")
-    print(f"  metrics      {run_dir / 'metrics.jsonl'}")
-    print(f"  checkpoints  {run_dir / 'checkpoints'}")
-    print(f"  wandb files  {run_dir / 'wandb'}")
-    print(f"  plots        {run_dir / 'plots'}")
+            console.say(f"    {pair:<28} {v:8.3f}")
+    console.say(f"  config       {run_dir / 'config.yaml'}")
+    console.say(f"  metrics      {run_dir / 'metrics.jsonl'}")
+    console.say(f"  checkpoints  {run_dir / 'checkpoints'}")
+    console.say(f"  wandb files  {run_dir / 'wandb'}")
+    console.say(f"  plots        {run_dir / 'plots'}")

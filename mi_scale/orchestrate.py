@@ -11,19 +11,28 @@ cluster.storage_path (a local folder or s3:// / gs:// URI) and keeps the last
 train.keep_last. When a worker dies and cluster.max_failures allows,
 Ray restarts the worker group and the workers resume from the latest complete
 run-dir checkpoint, or from Ray's copy if the run dir has none (a fresh node).
+
+Console: workers and the controller send our lines to the driver through a
+Ray queue (mi_scale/console.py); Ray's log streaming is off unless --verbose.
+A callback on the Ray Train controller reports the start-up phases and each
+restart of the worker group; the driver prints the restart as one line with
+the step the group resumed from.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import socket
 import time
+import traceback
 from pathlib import Path
 
+from mi_scale import console
 from mi_scale.config import Config, ConfigError, from_dict
-from mi_scale.errors import user_errors
+from mi_scale.errors import RunFailed, user_errors
 
 
 def _check_address(address: str) -> None:
@@ -51,15 +60,21 @@ def _temp_dir(cfg: Config) -> str:
     return f"/tmp/ray-mi-{key}"
 
 
-def start_ray(cfg: Config):
+def start_ray(cfg: Config, verbose: bool = False):
     import ray
 
     c = cfg.cluster
     if ray.is_initialized():
         return False
+    # Worker output reaches the console through our queue (mi_scale/console.py),
+    # not Ray's log streaming, which repeats lines on an existing cluster and
+    # carries every library's chatter; --verbose turns the streaming back on.
+    logging_config = ray.LoggingConfig(log_level="INFO" if verbose else "WARNING")
     if c.address:
         _check_address(c.address)
-        ray.init(address=c.address, logging_level="WARNING", log_to_driver=True)
+        # The nodes bring their own environment; only the library switches travel.
+        ray.init(address=c.address, logging_level="WARNING", log_to_driver=verbose, logging_config=logging_config,
+                 runtime_env={"env_vars": console.library_env(c.use_gpu)})
         return True
     cpus = os.cpu_count() or 1
     need = c.num_workers * c.cpus_per_worker
@@ -72,18 +87,16 @@ def start_ray(cfg: Config):
         if gpus < c.num_workers:
             raise ConfigError(f"cluster.use_gpu=true with cluster.num_workers={c.num_workers} needs "
                               f"{c.num_workers} GPUs but this machine has {gpus}")
-    ray.init(num_cpus=cpus, include_dashboard=False, logging_level="WARNING", log_to_driver=True,
-             _temp_dir=_temp_dir(cfg), runtime_env={"env_vars": _worker_env()})
+    ray.init(num_cpus=cpus, include_dashboard=False, logging_level="WARNING", log_to_driver=verbose,
+             logging_config=logging_config, _temp_dir=_temp_dir(cfg), runtime_env={"env_vars": _worker_env(cfg)})
     return True
 
 
-def _worker_env() -> dict:
+def _worker_env(cfg: Config) -> dict:
     keep = ("WANDB_MODE", "WANDB_API_KEY", "WANDB_SILENT", "HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE",
-            "MI_SCALE_CACHE", "PYTHONPATH")
+            "MI_SCALE_CACHE", "PYTHONPATH", "TORCH_EXTENSIONS_DIR", "OMP_NUM_THREADS")
     env = {k: os.environ[k] for k in keep if k in os.environ}
-    # Ray Train routes print() through its logger; our progress lines are
-    # plain prints meant for the console.
-    env["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"
+    env.update(console.library_env(cfg.cluster.use_gpu))
     return env
 
 
@@ -91,14 +104,41 @@ def _train_loop(loop_config: dict) -> None:
     """Runs on every Ray Train worker."""
     import ray.train
 
+    cfg = from_dict(loop_config["cfg"])
+    verbose = loop_config["verbose"]
+    rank = ray.train.get_context().get_world_rank()
+    console.set_sink(loop_config["queue"])
+    capture = None if verbose else console.LogCapture(console.log_dir(cfg.run_dir()) / f"rank-{rank}.log",
+                                                      keep_console=False)
+    console.quiet_libraries(verbose)
+    try:
+        if rank == 0:
+            console.phase("worker group ready")
+        _train_on_worker(cfg, loop_config, rank)
+    except BaseException:
+        traceback.print_exc()  # the full trace, in this rank's log file
+        raise
+    finally:
+        if capture is not None:
+            capture.close()
+
+
+def _train_on_worker(cfg: Config, loop_config: dict, rank: int) -> None:
+    import ray.train
+
     from mi_scale.train.checkpoint import complete_checkpoints
     from mi_scale.train.worker import run_worker
 
-    import logging
-    logging.getLogger("ray.train").setLevel(logging.WARNING)  # keep the console for progress lines
-    cfg = from_dict(loop_config["cfg"])
+    # Ray restarts the group after a failure by calling this function again:
+    # a marker per rank and per `mi-scale train` command says this rank
+    # started before, so it resumes from the run dir's checkpoints. (Ray's
+    # get_checkpoint() alone misses a failure before the first report.)
+    marker = console.log_dir(cfg.run_dir()) / f".started-{loop_config['run_token']}-rank{rank}"
+    restarted = marker.exists()
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text("")
     restored = ray.train.get_checkpoint()
-    resume = loop_config["resume"] or restored is not None
+    resume = loop_config["resume"] or restarted or restored is not None
     if restored is not None and not complete_checkpoints(cfg.run_dir()):
         # The run dir lost its checkpoints (e.g. a new node): copy Ray's in.
         with restored.as_directory() as d:
@@ -109,35 +149,101 @@ def _train_loop(loop_config: dict) -> None:
 
     def on_checkpoint(path: Path, step: int, metrics: dict) -> None:
         from ray.train import Checkpoint
-        is_rank0 = ray.train.get_context().get_world_rank() == 0
         # Every worker reports (Ray Train synchronizes reports); rank 0 attaches the checkpoint.
-        # A few headline numbers only: Ray echoes every report to the console,
-        # and the full per-step record is in metrics.jsonl and wandb.
         headline = {k: metrics[k] for k in ("loss", "task_loss", "mi_mean", "eval_loss", "eval_accuracy")
                     if k in metrics}
         ray.train.report({"step": step, **headline},
-                         checkpoint=Checkpoint.from_directory(str(path)) if is_rank0 else None)
+                         checkpoint=Checkpoint.from_directory(str(path)) if rank == 0 else None)
 
     run_worker(cfg, resume=resume, on_checkpoint=on_checkpoint)
 
 
-def run(cfg: Config, resume: bool = False) -> dict:
+def _callbacks(queue, retries: int) -> list:
+    """Controller-side hooks (Ray Train's callback classes): the recovery
+    line when the controller restarts the worker group, and the resource and
+    worker-group start-up phases."""
+    try:
+        from ray.train.v2._internal.execution.callback import ControllerCallback, WorkerGroupCallback
+        from ray.train.v2._internal.execution.controller.state import RestartingState
+    except ImportError:  # another Ray version: no recovery line or phases, the run is unchanged
+        return []
+
+    class RunEvents(ControllerCallback, WorkerGroupCallback):
+        def __init__(self):
+            self.restarts = 0
+
+        def after_controller_state_update(self, previous_state, current_state):
+            if not isinstance(current_state, RestartingState):
+                return
+            self.restarts += 1
+            errors = getattr(current_state.training_failed_error, "worker_failures", None) or {}
+            rank, cause = _first_failure(errors) if errors else ("?", "failed")
+            queue.put({"event": "failure", "rank": rank, "cause": cause, "attempt": self.restarts,
+                       "retries": retries})
+
+        def before_worker_group_start(self, worker_group_context):
+            queue.put({"event": "phase", "name": "resources requested", "at": time.time(),
+                       "detail": f"{worker_group_context.num_workers} workers"})
+
+        def after_worker_group_start(self, worker_group):
+            queue.put({"event": "phase", "name": "worker group started", "at": time.time(), "detail": ""})
+
+    return [RunEvents()]
+
+
+def _first_failure(worker_exceptions: dict) -> tuple[int, str]:
+    """The rank that failed first and how: a worker whose process is gone
+    (the others then fail on the broken connection), else the lowest rank."""
+    lost = [r for r, e in worker_exceptions.items() if _process_lost(e)]
+    rank = min(lost or worker_exceptions)
+    return rank, _describe(worker_exceptions[rank])
+
+
+def _process_lost(exc: BaseException) -> bool:
+    from ray.exceptions import ActorDiedError
+
+    return isinstance(getattr(exc, "health_check_failure", None), ActorDiedError) or isinstance(exc, ActorDiedError)
+
+
+def _describe(exc: BaseException) -> str:
+    if _process_lost(exc):
+        # Ray reports only that the process is gone (killed, crashed, or out of memory).
+        return "died (its process was killed or crashed)"
+    cause = _root_cause(exc)
+    text = str(cause).strip().splitlines()
+    return f"failed: {type(cause).__name__}: {text[0] if text else ''}"
+
+
+def run(cfg: Config, resume: bool = False, verbose: bool = False) -> dict:
+    import sys
+    import uuid
+
+    if not cfg.cluster.address and "ray" not in sys.modules:
+        # Ray 2.60 turns token authentication on for a new local cluster and
+        # warns that it did; saying so explicitly keeps it on, without the
+        # warning. Ray reads the mode once, at import.
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
     import ray
+    from ray.util.queue import Queue
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    t0 = time.perf_counter()
-    started = start_ray(cfg)
-    print(f"[mi-scale] Ray ready in {time.perf_counter() - t0:.1f} s "
-          f"({'embedded local cluster' if not cfg.cluster.address else cfg.cluster.address})", flush=True)
     run_dir = cfg.run_dir().resolve()
     cfg.run.output_dir = str(run_dir.parent)  # workers may start in another cwd
-    run_dir.mkdir(parents=True, exist_ok=True)
+    logs = console.log_dir(run_dir)
+    driver_log = _log_driver(logs / "driver.log", verbose)
+    started = start_ray(cfg, verbose)
+    t_ray = time.time()
     c = cfg.cluster
+    queue = Queue(actor_options={"num_cpus": 0})
+    relay = console.Relay(queue, c.max_failures)
+    relay.handle({"event": "phase", "name": "ray ready", "at": t_ray,
+                  "detail": "embedded local cluster" if not c.address else c.address})
     try:
         trainer = TorchTrainer(
             _train_loop,
-            train_loop_config={"cfg": cfg.to_dict(), "resume": resume},
+            train_loop_config={"cfg": cfg.to_dict(), "resume": resume, "verbose": verbose, "queue": queue,
+                               "run_token": uuid.uuid4().hex[:12]},
             scaling_config=ScalingConfig(num_workers=c.num_workers, use_gpu=c.use_gpu,
                                          resources_per_worker={"CPU": c.cpus_per_worker}),
             torch_config=TorchConfig(backend="nccl" if c.use_gpu else "gloo"),
@@ -148,9 +254,12 @@ def run(cfg: Config, resume: bool = False) -> dict:
                 # that cannot start (too few resources) forever, silently
                 failure_config=FailureConfig(max_failures=c.max_failures,
                                              controller_failure_limit=c.max_failures),
-                checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_last)),
+                checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_last),
+                callbacks=_callbacks(queue, c.max_failures)),
         )
         result = trainer.fit()
+        if result.error is not None:
+            raise result.error
     except Exception as e:  # surface the user's error, not Ray's wrapper
         cause = _root_cause(e)
         if isinstance(cause, user_errors()):
@@ -158,12 +267,15 @@ def run(cfg: Config, resume: bool = False) -> dict:
         startup = getattr(cause, "controller_failure", cause)  # ray.train.v2 ControllerError
         if type(startup).__name__ == "WorkerGroupStartupTimeoutError":  # too few resources
             raise _workers_unavailable(cfg, startup) from None
-        raise
+        logging.getLogger("mi_scale").exception("training failed")
+        raise RunFailed(f"training failed: {_describe_final(e)}, after {len(relay.recoveries)} of "
+                        f"cluster.max_failures={c.max_failures} restarts; full trace in {driver_log} "
+                        f"and {logs}/rank-*.log") from e
     finally:
+        relay.close()
         if started:
             ray.shutdown()
-    if result.error is not None:
-        raise result.error
+    _print_phases(relay.phases)
     return _summary_from_run_dir(run_dir)
 
 
@@ -180,6 +292,44 @@ def _workers_unavailable(cfg: Config, cause: BaseException):
         f"has fewer free resources (a node lost?). Fix: resume on the workers there are, "
         f"`mi-scale resume {cfg.run_dir()} --set cluster.num_workers=M` (the global batch is kept), add nodes, "
         f"or wait longer with RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S")
+
+
+def _describe_final(e: BaseException) -> str:
+    errs = getattr(e, "worker_failures", None)
+    if isinstance(errs, dict) and errs:
+        rank, cause = _first_failure(errs)
+        return f"worker rank {rank} {cause}"
+    cause = _root_cause(e)
+    text = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {text[0] if text else ''}"
+
+
+def _log_driver(path: Path, verbose: bool) -> Path:
+    """Ray's driver-side logger writes to driver.log (and the console with --verbose)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    for name in ("ray", "mi_scale"):
+        logger = logging.getLogger(name)
+        if not verbose:
+            for h in list(logger.handlers):
+                logger.removeHandler(h)
+        logger.addHandler(handler)
+        logger.propagate = False
+    return path
+
+
+def _print_phases(phases: dict[str, float]) -> None:
+    order = ["ray ready", "resources requested", "worker group started", "worker group ready",
+             "workers set up", "first step"]
+    seen = [(n, phases[n]) for n in order if n in phases]
+    if len(seen) < 2:
+        return
+    steps, prev = [], 0.0
+    for name, t in seen:
+        steps.append(f"{name} +{t - prev:.1f}")
+        prev = t
+    console.say(f"[mi-scale] start-up: {prev:.1f} s to the first step ({', '.join(steps)})")
 
 
 def _root_cause(e: BaseException) -> BaseException:

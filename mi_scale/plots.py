@@ -257,3 +257,64 @@ def bar_by_arm(values: Mapping[str, Mapping[str, float]], path: str | Path, *,
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     return _save(fig, path)
+
+
+# ----------------------------------------------------------------------------
+# Points with confidence intervals (dose-response, accuracy vs depth)
+
+
+def points_with_ci(panels: Mapping[str, Mapping[str, Sequence[tuple[float, float, float, float]]]],
+                   path: str | Path, *, xlabel: str = "", ylabel: str = "", title: str = "",
+                   xscale: str = "linear", band: bool = False,
+                   hlines: Optional[Mapping[str, float]] = None) -> Path:
+    """One subplot per panel, one line per label through (x, mean) points
+    with their CI (lo, hi): error bars, or a shaded band when `band`. NaN
+    bounds (one seed) draw the point alone. xscale: linear | symlog (weights
+    of both signs around 0) | log2 (depths). hlines: {label: y} dashed lines.
+
+    panels: {panel title: {line label: [(x, mean, lo, hi), ...]}}.
+    """
+    labels = list(dict.fromkeys(lab for lines in panels.values() for lab in lines))
+    color = dict(zip(labels, _colors(len(labels))))
+    rows, cols = _grid(max(len(panels), 1))
+    fig = _new_figure(max(7.0, 5.2 * cols), 3.8 * rows + (0.4 if title else 0))
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    if not panels:
+        _no_data(axes.flat[0])
+    for ax, (panel, lines) in zip(axes.flat, panels.items()):
+        drawn = 0
+        for label, pts in lines.items():
+            p = np.array(sorted(pts), dtype=float).reshape(-1, 4)
+            p = p[np.isfinite(p[:, 1])]
+            if not len(p):
+                continue
+            x, m, lo, hi = p.T
+            ax.plot(x, m, marker="o", ms=3, lw=1.2, color=color[label], label=label)
+            ok = np.isfinite(lo) & np.isfinite(hi)
+            if band and ok.any():
+                ax.fill_between(x[ok], lo[ok], hi[ok], color=color[label], alpha=0.15, lw=0)
+            elif ok.any():
+                ax.errorbar(x[ok], m[ok], yerr=[m[ok] - lo[ok], hi[ok] - m[ok]], fmt="none",
+                            ecolor=color[label], capsize=2, lw=0.8)
+            drawn += 1
+        for i, (name, y) in enumerate((hlines or {}).items()):
+            ax.axhline(y, color="grey", ls="--", lw=0.8, label=name)
+        if xscale == "symlog":
+            finite = [abs(x) for pts in lines.values() for x, *_ in pts if x != 0 and math.isfinite(x)]
+            ax.set_xscale("symlog", linthresh=min(finite) if finite else 1e-3)
+        elif xscale == "log2":
+            ax.set_xscale("log", base=2)
+        if drawn:
+            ax.legend(fontsize="x-small")
+        else:
+            _no_data(ax)
+        ax.set_title(panel, fontsize="medium")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize="medium")
+    fig.tight_layout()
+    return _save(fig, path)

@@ -538,15 +538,28 @@ def _markdown(summary: dict, plot_names: list[str]) -> str:
 
 
 def write_report(run_dirs: Iterable[str | Path], out_dir: str | Path,
-                 target_accuracy: Optional[float] = None) -> Path:
-    """Load the runs, write the five PNGs, summary.json and report.md into
+                 target_accuracy: Optional[float] = None, target_ppl: Optional[float] = None) -> Path:
+    """Load the runs, write the PNGs, summary.json and report.md into
     out_dir; return the path of report.md. run_dirs may also name folders of
-    runs (see find_runs). target_accuracy overrides the default target."""
+    runs (see find_runs). target_accuracy overrides the default target.
+
+    Runs of the study grids (configs/paper/{anchor,depth,lm}.yaml: cells,
+    LM arms, control arms) get the study report of mi_scale/study.py, with
+    its fixed thresholds unless target_accuracy / target_ppl are given."""
+    from mi_scale import study
+
     runs = [load_run(p) for p in find_runs(run_dirs)]
     if not runs:
         raise ReportError("no run directories given")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if study.is_study(runs):
+        summary = study.summarize(runs, target_accuracy, target_ppl)
+        pngs = study.write_plots(runs, summary, out)
+        (out / "summary.json").write_text(json.dumps(_nan_to_none(summary), indent=2, default=str) + "\n")
+        report = out / "report.md"
+        report.write_text(study.markdown(summary, [p.name for p in pngs]))
+        return report
     summary = summarize(runs, target_accuracy)
     arms: dict[str, list[Run]] = {}
     for r in runs:
@@ -569,23 +582,48 @@ def _yaml_value(v: Any) -> str:
     return text.removesuffix("...\n").strip()
 
 
+def _cells(spec: dict, path: Path) -> list[tuple[Optional[str], list[str]]]:
+    """`cells:` as [(name, overrides)]; [(None, [])] when the spec has none."""
+    cells = spec.get("cells")
+    if cells is None:
+        return [(None, [])]
+    if not isinstance(cells, list) or not cells:
+        raise ConfigError(f"{path}: cells: use a list of mappings {{name: ..., dotted.key: value}}")
+    out = []
+    for i, cell in enumerate(cells):
+        if not isinstance(cell, dict) or not isinstance(cell.get("name"), str) or not cell["name"]:
+            raise ConfigError(f"{path}: cells[{i}]: invalid value {cell!r}: use a mapping with a "
+                              f"'name' (e.g. tanh-d16) and dotted keys (e.g. model.depth: 16)")
+        if "@" in cell["name"] or "/" in cell["name"]:
+            raise ConfigError(f"{path}: cells[{i}].name: invalid value {cell['name']!r}: use a name "
+                              f"without '@' or '/'")
+        out.append((cell["name"], [f"{k}={_yaml_value(v)}" for k, v in cell.items() if k != "name"]))
+    names = [n for n, _ in out]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ConfigError(f"{path}: cells: duplicate name(s) {dup}: give each cell its own name")
+    return out
+
+
 def expand_grid(grid_yaml_path: str | Path) -> list[tuple[str, str, list[str]]]:
     """Expand a grid spec into runs: [(run_name, group, overrides)], arms x seeds.
 
     The spec has `base:` (a config mapping: section -> fields), `seeds:` (a
-    list of ints) and `arms:` (arm name -> {dotted key: value}). Overrides are
-    "key=value" strings, applied in order: base, arm, then run.name,
-    run.group and run.seed. Each run's overrides are validated with
-    mi_scale.config, so a bad key fails here, before any run starts.
+    list of ints), `arms:` (arm name -> {dotted key: value}) and optionally
+    `cells:` (a list of {name: CELL, dotted key: value}): then every arm runs
+    in every cell, as group "<arm>@<cell>". Overrides are "key=value"
+    strings, applied in order: base, cell, arm, then run.name, run.group and
+    run.seed. Each run's overrides are validated with mi_scale.config, so a
+    bad key fails here, before any run starts.
     """
     path = Path(grid_yaml_path)
     if not path.is_file():
         raise ConfigError(f"grid spec {str(path)!r} not found (examples live in configs/paper/)")
     spec = yaml.safe_load(path.read_text()) or {}
-    unknown = set(spec) - {"base", "seeds", "arms"}
+    unknown = set(spec) - {"base", "seeds", "arms", "cells"}
     if unknown:
         raise ConfigError(f"{path}: unknown top-level key(s) {sorted(unknown)}; "
-                          f"use base, seeds and arms")
+                          f"use base, seeds, arms and cells")
     seeds, arms, base = spec.get("seeds") or [0], spec.get("arms"), spec.get("base") or {}
     if not (isinstance(seeds, list) and all(isinstance(s, int) and s >= 0 for s in seeds)
             and len(set(seeds)) == len(seeds)):
@@ -597,18 +635,21 @@ def expand_grid(grid_yaml_path: str | Path) -> list[tuple[str, str, list[str]]]:
     base_ov = [f"{sec}.{k}={_yaml_value(v)}" for sec, fields in base.items() for k, v in fields.items()]
 
     runs = []
-    for arm, ov in arms.items():
-        if not isinstance(ov, (dict, type(None))):
-            raise ConfigError(f"{path}: arms.{arm}: use a mapping of dotted keys to values")
-        arm_ov = [f"{k}={_yaml_value(v)}" for k, v in (ov or {}).items()]
-        for seed in seeds:
-            name = f"{arm}-s{seed}"
-            overrides = base_ov + arm_ov + [f"run.name={_yaml_value(name)}",
-                                            f"run.group={_yaml_value(str(arm))}",
-                                            f"run.seed={seed}"]
-            try:
-                load_config(None, overrides)
-            except ConfigError as e:
-                raise ConfigError(f"{path}: arm {arm!r}, seed {seed}: {e}") from None
-            runs.append((name, str(arm), overrides))
+    for cell, cell_ov in _cells(spec, path):
+        for arm, ov in arms.items():
+            if not isinstance(ov, (dict, type(None))):
+                raise ConfigError(f"{path}: arms.{arm}: use a mapping of dotted keys to values")
+            arm_ov = [f"{k}={_yaml_value(v)}" for k, v in (ov or {}).items()]
+            group = str(arm) if cell is None else f"{arm}@{cell}"
+            for seed in seeds:
+                name = f"{group}-s{seed}"
+                overrides = base_ov + cell_ov + arm_ov + [f"run.name={_yaml_value(name)}",
+                                                          f"run.group={_yaml_value(group)}",
+                                                          f"run.seed={seed}"]
+                try:
+                    load_config(None, overrides)
+                except ConfigError as e:
+                    where = f"arm {arm!r}" + (f", cell {cell!r}" if cell else "")
+                    raise ConfigError(f"{path}: {where}, seed {seed}: {e}") from None
+                runs.append((name, group, overrides))
     return runs

@@ -27,8 +27,13 @@ def _finished(run_dir: Path, steps: int) -> bool:
     return any(r.get("step") == steps and r.get("split") == "eval" for r in last)
 
 
-def _trial(overrides: list[str], run_dir: str) -> tuple[int, float]:
-    """Runs inside a Ray task: one training run in a fresh process."""
+def _trial(overrides: list[str], run_dir: str) -> tuple[int, float, float]:
+    """Runs inside a Ray task: one training run in a fresh process.
+    Returns (exit code, wall seconds, CPU seconds of the run's processes).
+    CPU seconds hardly depend on what else the machine runs, so their sum
+    over trials / cores estimates the sweep's wall time on an idle machine."""
+    import resource
+
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK",
                                                             "MASTER_ADDR", "MASTER_PORT")}
@@ -36,25 +41,37 @@ def _trial(overrides: list[str], run_dir: str) -> tuple[int, float]:
     args = [sys.executable, "-m", "mi_scale.cli", "train", "--launcher", "local", "--resume"]
     for ov in overrides:
         args += ["--set", ov]
-    t0 = time.perf_counter()
+    def cpu() -> float:
+        u = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return u.ru_utime + u.ru_stime
+
+    t0, c0 = time.perf_counter(), cpu()
     with open(Path(run_dir) / "train.log", "a") as log:
         rc = subprocess.run(args, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
-    return rc, time.perf_counter() - t0
+    return rc, time.perf_counter() - t0, cpu() - c0
 
 
-def run_grid(grid: str, output_dir: str = "runs/sweep", address: str | None = None,
+def run_grid(grid: str | list[str], output_dir: str = "runs/sweep", address: str | None = None,
              parallel: int | None = None, overrides: list[str] | None = None) -> int:
+    """Run every trial of one grid or several (their trials share one queue,
+    in the order given; run names must not repeat across grids)."""
     import ray
 
     from mi_scale.report import expand_grid, write_report
 
-    runs = []
-    for name, group, ov in expand_grid(grid):
-        ov = ov + [f"run.output_dir={output_dir}"] + list(overrides or [])
-        cfg = load(None, ov)  # validated here: a bad override fails before anything starts
-        runs.append((name, ov, cfg.run_dir(), cfg.train.steps))
+    grids = [grid] if isinstance(grid, str) else list(grid)
+    runs, seen = [], {}
+    for g in grids:
+        for name, group, ov in expand_grid(g):
+            if name in seen:
+                raise ConfigError(f"{g}: run {name!r} is also in {seen[name]}: rename the arm in one grid")
+            seen[name] = g
+            ov = ov + [f"run.output_dir={output_dir}"] + list(overrides or [])
+            cfg = load(None, ov)  # validated here: a bad override fails before anything starts
+            runs.append((name, ov, cfg.run_dir(), cfg.train.steps))
     todo = [r for r in runs if not _finished(r[2], r[3])]
-    print(f"[mi-scale] sweep {grid}: {len(runs)} trials, {len(runs) - len(todo)} already finished", flush=True)
+    print(f"[mi-scale] sweep {' '.join(grids)}: {len(runs)} trials, {len(runs) - len(todo)} already finished",
+          flush=True)
 
     if todo:
         cpus = os.cpu_count() or 1
@@ -69,20 +86,25 @@ def run_grid(grid: str, output_dir: str = "runs/sweep", address: str | None = No
         t0 = time.perf_counter()
         pending = {task.remote(ov, str(run_dir)): (name, run_dir) for name, ov, run_dir, _ in todo}
         failed = []
-        done = 0
+        done, cpu_total = 0, 0.0
         try:
             while pending:
                 ready, _ = ray.wait(list(pending), num_returns=1)
                 name, run_dir = pending.pop(ready[0])
-                rc, secs = ray.get(ready[0])
+                rc, secs, cpu_s = ray.get(ready[0])
                 done += 1
+                cpu_total += cpu_s
                 status = "ok" if rc == 0 else f"FAILED (exit {rc}, see {run_dir / 'train.log'})"
                 eta = (time.perf_counter() - t0) / done * len(pending)
-                print(f"[{done}/{len(todo)}] {name}: {status} in {secs:.0f} s | ETA {eta:.0f} s", flush=True)
+                print(f"[{done}/{len(todo)}] {name}: {status} in {secs:.0f} s (cpu {cpu_s:.0f} s) | "
+                      f"ETA {eta:.0f} s", flush=True)
                 if rc != 0:
                     failed.append(name)
         finally:
             ray.shutdown()
+        slots = min(parallel or os.cpu_count() or 1, os.cpu_count() or 1)
+        print(f"[mi-scale] {done} trial(s) in {time.perf_counter() - t0:.0f} s wall, {cpu_total:.0f} CPU s: "
+              f"about {cpu_total / slots:.0f} s on {slots} idle core(s)", flush=True)
         if failed:
             print(f"[mi-scale] {len(failed)} trial(s) failed: {', '.join(failed)}; the report covers the rest",
                   flush=True)

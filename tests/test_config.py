@@ -106,3 +106,13 @@ def test_shipped_configs_validate():
         config.load(p)
     # the embedded default is what configs/mnist1d-mlp.yaml spells out
     assert config.load(root / "mnist1d-mlp.yaml") == config.load(None)
+
+
+def test_mi_on_nonfinite_validated_and_not_in_checkpoint_hash():
+    cfg = config.load(None, [])
+    assert cfg.mi.on_nonfinite == "error"
+    skip = config.load(None, ["mi.on_nonfinite=skip"])
+    assert skip.mi.on_nonfinite == "skip" and skip.training_hash() == cfg.training_hash()
+    with pytest.raises(config.ConfigError) as e:
+        config.load(None, ["mi.on_nonfinite=ignore"])
+    assert str(e.value) == "mi.on_nonfinite: invalid value 'ignore': expected one of 'error', 'skip'"

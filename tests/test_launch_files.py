@@ -211,7 +211,7 @@ def test_readme_covers_every_launch_file_and_topic():
         if path.name != "README.md":
             assert f"`{path.name}`" in text, f"launch/README.md does not mention {path.name}"
     for topic in ("WANDB_API_KEY", "cluster.storage_path", "data.path", "mi-scale resume RUN_DIR --address auto",
-                  "s3://", "gs://", "templates"):
+                  "s3://", "gs://", "templates", "RAY_AUTH_MODE=token", "RAY_AUTH_TOKEN"):
         assert topic in text, topic
 
 
@@ -372,3 +372,111 @@ def test_job_submit_rejects_missing_config(tmp_path, stubs):
     r = _run_submit(tmp_path, env, "configs/missing.yaml")
     assert r.returncode == 2 and "missing.yaml" in r.stderr
     assert not (log / "ray").exists()
+
+
+# ---------------------------------------------------------------------------
+# Token authentication in every recipe, and a real cluster from the SLURM script
+
+
+@pytest.mark.parametrize("cloud", sorted(CLUSTER_YAMLS))
+def test_cluster_configs_share_the_token_and_set_token_mode(cloud):
+    cfg = _load(CLUSTER_YAMLS[cloud])
+    assert cfg["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        starts = [c for c in cfg[key] if "ray start" in c]
+        assert starts and all("RAY_AUTH_MODE=token ray start" in c for c in starts), key
+    assert any("export RAY_AUTH_MODE=token" in c for c in cfg["setup_commands"])  # drivers on the nodes
+
+
+def test_rayjob_gives_every_pod_the_token_and_token_mode():
+    job = _load(RAYJOB)
+    cluster = job["spec"]["rayClusterSpec"]
+    pods = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
+    for pod in pods:
+        for c in _containers(pod):
+            env = {e["name"]: e for e in c["env"]}
+            assert env["RAY_AUTH_MODE"]["value"] == "token", c["name"]
+            assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "ray-auth", "key": "token"}
+
+
+def test_slurm_shares_one_token_with_every_step(tmp_path, stubs):
+    env, log, bin_dir = stubs
+    _stub(bin_dir, "srun", 'echo "$*" >> "$STUB_LOG/srun"; echo "$RAY_AUTH_MODE $RAY_AUTH_TOKEN" >> "$STUB_LOG/auth"')
+    _stub(bin_dir, "mi-scale", 'echo "$RAY_AUTH_MODE $RAY_AUTH_TOKEN" >> "$STUB_LOG/auth"')
+    r = _run_slurm(tmp_path, env, "my-run.yaml")
+    assert r.returncode == 0, r.stdout + r.stderr
+    auth = _lines(log / "auth")
+    assert len(auth) == 4  # head, workers, the driver, ray stop
+    assert len(set(auth)) == 1
+    mode, token = auth[0].split()
+    assert mode == "token" and len(token) == 64 and int(token, 16) >= 0
+    r = _run_slurm(tmp_path, env, "my-run.yaml", RAY_AUTH_TOKEN="given-token")
+    assert _lines(log / "auth")[-1] == "token given-token"
+
+
+SRUN_LOCAL = r'''
+# srun on one machine: drop srun's options, run the command here.
+while [[ $# -gt 0 && $1 == --* ]]; do shift; done
+if [[ $1 == ray && $2 == stop ]]; then
+    # `ray stop` stops every Ray on the machine (other users' too): stop only
+    # the nodes started here; `ray start --block` shuts its node down on SIGTERM.
+    while read -r pid; do kill -TERM "$pid" 2>/dev/null || true; done < "$STUB_PIDS"
+    exit 0
+fi
+if [[ $1 == ray && $2 == start ]]; then
+    echo $$ >> "$STUB_PIDS"
+fi
+exec "$@"
+'''
+
+
+@pytest.mark.slow
+def test_two_node_cluster_formed_by_the_slurm_script(tmp_path):
+    """A head and a second node on this machine, started by the SLURM script's
+    own `ray start` commands (srun runs them here), with token authentication;
+    then the main job trains on that cluster through `--address auto`."""
+    import signal
+    import socket
+    import time
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _stub(bin_dir, "scontrol", 'printf "%s\\n" node1 node2')
+    _stub(bin_dir, "srun", SRUN_LOCAL)
+    pids = tmp_path / "ray-start-pids"
+    pids.touch()
+    with socket.socket() as s:
+        s.bind(("", 0))
+        port = s.getsockname()[1]
+    venv_bin = Path(sys.executable).parent
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "RANK", "WORLD_SIZE"))},
+           "PATH": f"{bin_dir}:{venv_bin}:/usr/bin:/bin", "PYTHONPATH": str(ROOT), "STUB_PIDS": str(pids),
+           "SLURM_JOB_NODELIST": "node[1-2]", "SLURMD_NODENAME": "node1", "SLURM_JOB_ID": "7",
+           "SLURM_CPUS_PER_TASK": "1", "RAY_PORT": str(port), "RAY_WAIT_S": "300",
+           "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    steps = 20
+    try:
+        r = subprocess.run(["bash", str(SLURM), str(ROOT / "configs" / "mnist1d-mlp.yaml"),
+                            "--set", f"run.output_dir={tmp_path / 'runs'}", "--set", f"train.steps={steps}",
+                            "--set", "train.log_every=5", "--set", "train.eval_every=10",
+                            "--set", "train.checkpoint_every=10"],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=850)
+    finally:
+        for pid in _lines(pids):
+            try:
+                os.kill(int(pid), signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + 60
+        while time.time() < deadline and any(Path(f"/proc/{p}").exists() for p in _lines(pids)):
+            time.sleep(0.5)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-4000:]
+    assert "[slurm] 2/2 Ray node(s) up" in r.stdout
+    ran = _load(tmp_path / "runs" / "mnist1d-mlp" / "config.yaml")
+    assert ran["cluster"]["num_workers"] == 2 and ran["cluster"]["address"] == "auto"
+    for step in range(5, steps + 1, 5):
+        lines = [line for line in out.splitlines() if line.startswith(f"step {step:>6}/{steps} |")]
+        assert len(lines) == 1, (step, lines)
+    assert "PlacementGroupCleaner" not in out
+    assert "InvalidAuthToken" not in out and "Token authentication" not in out

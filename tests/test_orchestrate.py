@@ -82,13 +82,32 @@ def test_embedded_ray_equals_torchrun_and_summarizes(tmp_path, torchrun_referenc
 
 
 def test_worker_failure_recovers_with_identical_result(tmp_path, torchrun_reference):
-    r = mi_scale("train", str(write_cfg(tmp_path, "faulty", "fault.fail_at_step=6", "fault.fail_rank=1",
+    # Rank 1 is killed with SIGKILL at the start of step 7 (0-based 6); the
+    # last checkpoint is step 4.
+    r = mi_scale("train", str(write_cfg(tmp_path, "faulty", "fault.kill_at_step=6", "fault.fail_rank=1",
                                         "cluster.max_failures=1")))
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "injected fault on rank 1 at step 6" in r.stdout + r.stderr
+    recovery = [line for line in r.stdout.splitlines() if "restarted the group" in line]
+    assert recovery == ["[mi-scale] worker rank 1 died (its process was killed or crashed); restarted the "
+                        "group (1 of 1 retries); resumed from step 4"]
+    assert "Traceback" not in r.stdout + r.stderr  # the traces are in RUN_DIR/logs
     assert losses(tmp_path / "faulty") == losses(torchrun_reference)
     ours, ref = final_params(tmp_path / "faulty"), final_params(torchrun_reference)
     assert ours.keys() == ref.keys() and all(torch.equal(ours[k], ref[k]) for k in ref)
+
+
+def test_out_of_retries_prints_one_error_line_and_exits_1(tmp_path):
+    r = mi_scale("train", str(write_cfg(tmp_path, "fails", "fault.fail_at_step=6", "fault.fail_rank=1",
+                                        "cluster.max_failures=0")))
+    assert r.returncode == 1
+    logs = (tmp_path / "fails" / "logs").resolve()
+    assert r.stderr.strip().splitlines() == [
+        "error: training failed: worker rank 1 failed: InjectedFault: injected fault on rank 1 at step 6 "
+        f"(fault.fail_at_step), after 0 of cluster.max_failures=0 restarts; full trace in {logs}/driver.log "
+        f"and {logs}/rank-*.log"]
+    assert "Traceback" not in r.stdout
+    trace = (logs / "rank-1.log").read_text()
+    assert "Traceback" in trace and "InjectedFault: injected fault on rank 1 at step 6" in trace
 
 
 def test_two_node_cluster_one_worker_per_node(tmp_path, torchrun_reference):

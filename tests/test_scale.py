@@ -257,11 +257,13 @@ def _nvme_runs(tmp_path):
 @pytest.mark.skipif(not _libaio_ok(), reason="NVMe offload needs libaio (make setup installs it as root)")
 def test_nvme_offload_trains_and_resumes(tmp_path):
     a, b = _nvme_runs(tmp_path)
-    assert a[:3] == b[:3]  # before the interruption: the same run
-    assert a[-1] < a[0] - 0.5 and b[-1] < b[0] - 0.5  # both learn, also after the resume
-    # Known limitation (README): after an NVMe-offloaded resume the losses are
-    # not bit-identical to the uninterrupted run's, as they are with offload
-    # none or cpu; measured here: step 4 gave 0.86 uninterrupted, 1.98 resumed.
+    assert a[-1] < a[0] - 0.5  # it learns
+    # The resumed run continues exactly: DeepSpeed restores the swapped Adam
+    # moments from its offload files, checkpoint.py the state that stayed
+    # resident (each sub-group's Adam step, too-small sub-groups).
+    assert b == a
+
+
 def test_nvme_offload_without_libaio_is_a_clear_error(tmp_path, monkeypatch):
     from deepspeed.ops.op_builder import AsyncIOBuilder
 

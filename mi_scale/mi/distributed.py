@@ -90,6 +90,8 @@ def all_reduce_sum(x: torch.Tensor, group=None) -> torch.Tensor:
 
 
 def assign_pairs(num_pairs: int, world_size: int) -> list[int]:
-    """Owner rank of each adjacent pair: round-robin. Pairs cost the same for
-    a fixed estimator and sketch size, so round-robin is also cost-balanced."""
-    return [p % world_size for p in range(num_pairs)]
+    """Owner rank of each adjacent pair: contiguous blocks whose sizes differ
+    by at most one (pairs cost the same for a fixed estimator and sketch
+    size). Contiguous, so that a rank's pairs share layers and
+    GaussianMI.chain computes each shared layer's terms once."""
+    return [p * world_size // num_pairs for p in range(num_pairs)]

@@ -14,6 +14,7 @@ rows, bf16 input.
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 
@@ -30,7 +31,7 @@ class EstimatorError(ValueError):
 def _standardize(x_NK: torch.Tensor) -> torch.Tensor:
     """Zero-mean, unit-variance columns; constant columns become exactly 0."""
     x_NK = x_NK - x_NK.mean(0, keepdim=True)
-    var_K = x_NK.pow(2).mean(0, keepdim=True)
+    var_K = (x_NK * x_NK).mean(0, keepdim=True)
     return x_NK * torch.rsqrt(var_K + _EPS)
 
 
@@ -39,13 +40,29 @@ def _out_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _check_pair(x_NK: torch.Tensor, y_NK: torch.Tensor) -> None:
+def _check_pair(x_NK: torch.Tensor, y_NK: torch.Tensor, finite: bool = True) -> None:
+    """Shapes, and (finite=True) one finiteness check for both inputs. The
+    check reads one flag back from the device: MIRegularizer turns it off
+    (check_finite=False) and checks a whole step's sketches at once."""
     if x_NK.dim() != 2 or y_NK.dim() != 2:
         raise EstimatorError(f"estimators take 2-D (N, K) inputs, got {tuple(x_NK.shape)} and {tuple(y_NK.shape)}")
     if x_NK.shape[0] != y_NK.shape[0]:
         raise EstimatorError(f"x and y need the same number of rows, got {x_NK.shape[0]} and {y_NK.shape[0]}")
     if x_NK.shape[0] < 2:
         raise EstimatorError(f"need at least 2 rows to estimate MI, got {x_NK.shape[0]}")
+    if finite and not bool(torch.isfinite(x_NK).all() & torch.isfinite(y_NK).all()):
+        raise EstimatorError(f"input contains {_nonfinite_kinds(x_NK, y_NK)}: MI of non-finite values is "
+                             "undefined; remove or replace them (e.g. torch.nan_to_num) before estimating")
+
+
+def _nonfinite_kinds(x_NK: torch.Tensor, y_NK: torch.Tensor) -> str:
+    """'NaN in x, Inf in y'-style description (called only on the error path)."""
+    parts = []
+    for name, t in (("x", x_NK), ("y", y_NK)):
+        kinds = [k for k, bad in (("NaN", torch.isnan(t).any()), ("Inf", torch.isinf(t).any())) if bad]
+        if kinds:
+            parts.append(f"{' and '.join(kinds)} in {name}")
+    return ", ".join(parts)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -72,6 +89,7 @@ class GaussianMI(nn.Module):
     """
 
     differentiable = True
+    check_finite = True
     unit = "nats"
 
     def __init__(self, shrinkage: float = 1e-8, bias_correction: bool = True):
@@ -82,7 +100,7 @@ class GaussianMI(nn.Module):
         self.bias_correction = bias_correction
 
     def forward(self, x_NK: torch.Tensor, y_NK: torch.Tensor) -> torch.Tensor:
-        _check_pair(x_NK, y_NK)
+        _check_pair(x_NK, y_NK, self.check_finite)
         n, dx, dy = x_NK.shape[0], x_NK.shape[1], y_NK.shape[1]
         z_ND = _standardize(torch.cat([x_NK, y_NK], 1).to(torch.float64))
         corr_DD = z_ND.T @ z_ND / n
@@ -92,11 +110,83 @@ class GaussianMI(nn.Module):
         eye = torch.eye(dx + dy, dtype=corr_DD.dtype, device=corr_DD.device)
         corr_DD = (1 - self.shrinkage) * corr_DD + self.shrinkage * eye
         mi = 0.5 * (_logdet_spd(corr_DD[:dx, :dx]) + _logdet_spd(corr_DD[dx:, dx:]) - _logdet_spd(corr_DD))
-        ex, ey = int(varying[:dx].sum()), int(varying[dx:].sum())
-        if self.bias_correction and n > ex + ey + 1:
-            mi = mi - 0.5 * (_gaussian_logdet_bias(ex, n) + _gaussian_logdet_bias(ey, n)
-                             - _gaussian_logdet_bias(ex + ey, n))
+        if self.bias_correction:
+            mi = mi - self._bias(n, int(varying[:dx].sum()), int(varying[dx:].sum()))
         return mi.to(_out_dtype(x_NK))
+
+    def _bias(self, n: int, ex: int, ey: int) -> float:
+        """Wishart bias of 1/2 (logdet Sx + logdet Sy - logdet Sxy), ex, ey varying columns."""
+        if n <= ex + ey + 1:
+            return 0.0
+        return 0.5 * (_gaussian_logdet_bias(ex, n) + _gaussian_logdet_bias(ey, n)
+                      - _gaussian_logdet_bias(ex + ey, n))
+
+    def chain_dtype(self, like: torch.Tensor) -> torch.dtype:
+        """float64 for float64 input or shrinkage < 0.01; float32 otherwise.
+
+        At shrinkage s every eigenvalue of the shrunk correlation is >= s, so
+        for s >= 0.01 float32 Cholesky cannot fail on finite input and its
+        rounding stays far below 1e-3 nats (measured: test_estimators.py,
+        test_chain_float32_matches_float64). Training uses s = 0.1."""
+        if like.dtype == torch.float64 or self.shrinkage < 0.01:
+            return torch.float64
+        return torch.float32
+
+    def chain(self, layers: list[torch.Tensor]) -> torch.Tensor:
+        """MI of every adjacent pair of `layers` (L tensors, each (N, K), same
+        K): a (L-1,) tensor, pair l = I(layers[l]; layers[l+1]), equal to
+        `forward` on each pair.
+
+        Cost, versus L-1 separate `forward` calls: each layer is standardized
+        once; the L diagonal and L-1 off-diagonal covariance blocks come from
+        two batched matmuls; each layer's (K, K) block is factorized once
+        (shared by its two pairs). For joint = [[A, B], [B^T, C]],
+        logdet joint = logdet A + logdet S with the Schur complement
+        S = C - W^T W, W = chol(A)^-1 B, so
+        I = 1/2 (logdet A + logdet C - logdet joint) = 1/2 (logdet C - logdet S):
+        one batched triangular solve, one batched matmul and one batched
+        (K, K) Cholesky for all pairs. Only (K, K) factorizations: on CPU a
+        (2K, 2K) one costs ~7x a (K, K) one (measured, K=64). No host sync
+        unless bias_correction (a host-side constant) is on.
+        """
+        if len(layers) < 2:
+            raise EstimatorError(f"gaussian.chain needs at least 2 layers, got {len(layers)}")
+        for a in layers[1:]:
+            _check_pair(layers[0], a, finite=False)
+            if a.shape[1] != layers[0].shape[1]:
+                raise EstimatorError(f"gaussian.chain needs equal widths, got {[t.shape[1] for t in layers]}")
+        return self.chain_concat(torch.cat(layers, 1), layers[0].shape[1])
+
+    def chain_concat(self, cat_NC: torch.Tensor, k: int) -> torch.Tensor:
+        """`chain` on the layers already side by side: (N, L*K), layer l in
+        columns l*K:(l+1)*K (saves a copy when the caller holds them so)."""
+        n, num = cat_NC.shape[0], cat_NC.shape[1] // k
+        if self.check_finite:
+            _check_pair(cat_NC, cat_NC[:, :0])
+        dtype = self.chain_dtype(cat_NC)
+        z_LNK = _standardize(cat_NC.to(dtype)).view(n, num, k).transpose(0, 1)
+        s = self.shrinkage
+        eye = torch.eye(k, dtype=dtype, device=z_LNK.device)
+        zt_LKN = z_LNK.transpose(1, 2)
+        diag_LKK = torch.baddbmm(eye, zt_LKN, z_LNK, beta=s, alpha=(1 - s) / n)  # shrunk correlations
+        off_PKK = torch.bmm(zt_LKN[:-1], z_LNK[1:]) * ((1 - s) / n)
+        chol_LKK, info_L = torch.linalg.cholesky_ex(diag_LKK)
+        w_PKK = torch.linalg.solve_triangular(chol_LKK[:-1], off_PKK, upper=False)
+        schur_PKK = torch.baddbmm(diag_LKK[1:], w_PKK.transpose(1, 2), w_PKK, alpha=-1.0)
+        chol_s_PKK, info_P = torch.linalg.cholesky_ex(schur_PKK)
+        ok_P = (info_L[:-1] == 0) & (info_L[1:] == 0) & (info_P == 0)
+        # A failed factorization (only possible for tiny shrinkage) gives NaN
+        # for its pairs, without a host check; log(1) keeps the graph finite.
+        d_LK = torch.where((info_L == 0)[:, None], torch.diagonal(chol_LKK, dim1=1, dim2=2), 1.0)
+        d_PK = torch.where((info_P == 0)[:, None], torch.diagonal(chol_s_PKK, dim1=1, dim2=2), 1.0)
+        mi_P = d_LK[1:].log().sum(1) - d_PK.log().sum(1)  # halves of the log-dets
+        mi_P = torch.where(ok_P, mi_P, float("nan"))
+        if self.bias_correction:
+            varying_LK = torch.diagonal(diag_LKK, dim1=1, dim2=2).detach() > s + (1 - s) * 0.5
+            counts = varying_LK.sum(1).tolist()
+            mi_P = mi_P - torch.tensor([self._bias(n, a, b) for a, b in zip(counts[:-1], counts[1:])],
+                                       dtype=dtype, device=mi_P.device)
+        return mi_P.to(_out_dtype(cat_NC))
 
 
 def _logdet_spd(a_DD: torch.Tensor) -> torch.Tensor:
@@ -126,6 +216,7 @@ class Renyi2MI(nn.Module):
     """
 
     differentiable = True
+    check_finite = True
     unit = "nats (Renyi-2)"
 
     def __init__(self, bandwidth: float | None = None):
@@ -138,7 +229,7 @@ class Renyi2MI(nn.Module):
         return -torch.log(a_NN.pow(2).sum())
 
     def forward(self, x_NK: torch.Tensor, y_NK: torch.Tensor) -> torch.Tensor:
-        _check_pair(x_NK, y_NK)
+        _check_pair(x_NK, y_NK, self.check_finite)
         kx = _gaussian_gram(_standardize(x_NK.to(torch.float64)), self.bandwidth)
         ky = _gaussian_gram(_standardize(y_NK.to(torch.float64)), self.bandwidth)
         return (self._s2(kx) + self._s2(ky) - self._s2(kx * ky)).to(_out_dtype(x_NK))
@@ -157,6 +248,7 @@ class HSICDependence(nn.Module):
     """
 
     differentiable = True
+    check_finite = True
     unit = "cka (not nats)"
 
     def __init__(self, kernel: str = "gaussian", bandwidth: float | None = None):
@@ -167,7 +259,7 @@ class HSICDependence(nn.Module):
         self.bandwidth = bandwidth
 
     def forward(self, x_NK: torch.Tensor, y_NK: torch.Tensor) -> torch.Tensor:
-        _check_pair(x_NK, y_NK)
+        _check_pair(x_NK, y_NK, self.check_finite)
         x = _standardize(x_NK.to(torch.float64))
         y = _standardize(y_NK.to(torch.float64))
         if self.kernel == "linear":
@@ -207,6 +299,7 @@ class InfoNCE(nn.Module):
     """
 
     differentiable = True
+    check_finite = True
     unit = "nats (lower bound, <= log N)"
 
     def __init__(self, x_dim: int, y_dim: int | None = None, hidden: int = 64, embed: int = 32):
@@ -218,7 +311,7 @@ class InfoNCE(nn.Module):
         self.x_dim, self.y_dim = x_dim, y_dim
 
     def forward(self, x_NK: torch.Tensor, y_NK: torch.Tensor) -> torch.Tensor:
-        _check_pair(x_NK, y_NK)
+        _check_pair(x_NK, y_NK, self.check_finite)
         if x_NK.shape[1] != self.x_dim or y_NK.shape[1] != self.y_dim:
             raise EstimatorError(f"infonce critic was built for dims ({self.x_dim}, {self.y_dim}), "
                                  f"got ({x_NK.shape[1]}, {y_NK.shape[1]})")
@@ -231,22 +324,76 @@ class InfoNCE(nn.Module):
         return nce.to(_out_dtype(x_NK))
 
     def fit(self, x_NK: torch.Tensor, y_NK: torch.Tensor, steps: int = 300, lr: float = 1e-3,
-            batch: int | None = None, seed: int = 0) -> "InfoNCE":
-        """Train the critic alone on (x, y) to tighten the bound."""
-        opt = torch.optim.Adam(self.parameters(), lr=lr)
+            batch: int | None = None, seed: int = 0, val_fraction: float = 0.2, eval_every: int = 25,
+            patience: int = 8) -> "InfoNCE":
+        """Train the critic alone on a fixed sample (x, y), without overfitting.
+
+        A `val_fraction` of the rows is held out; every `eval_every` steps the
+        bound is evaluated on it, and training stops once `patience`
+        evaluations in a row did not improve it. The critic with the best
+        held-out bound is restored. Afterwards: `heldout_mi` (that bound, in
+        nats; a valid lower bound on fresh data from the held-out rows'
+        distribution), `best_step`, `steps_run`.
+
+        Minibatches are drawn from the training rows, so the same pairs recur
+        (a fixed sample), unlike MIRegularizer, whose critics see fresh
+        sketches every step and cannot memorize them."""
+        _check_pair(x_NK, y_NK, self.check_finite)
+        if not 0.0 < val_fraction < 1.0:
+            raise EstimatorError(f"infonce.fit: val_fraction must be in (0, 1), got {val_fraction!r}")
         gen = torch.Generator().manual_seed(seed)
         n = len(x_NK)
-        for _ in range(steps):
-            idx = torch.randperm(n, generator=gen)[: batch or n]
-            loss = -self(x_NK[idx], y_NK[idx])
+        perm = torch.randperm(n, generator=gen)
+        n_val = max(2, int(round(val_fraction * n)))
+        if n - n_val < 2:
+            raise EstimatorError(f"infonce.fit: {n} rows leave fewer than 2 for training after holding "
+                                 f"out {n_val}; pass more rows or a smaller val_fraction")
+        val, train = perm[:n_val], perm[n_val:]
+        xv, yv, xt, yt = x_NK[val], y_NK[val], x_NK[train], y_NK[train]
+        opt = torch.optim.Adam(self.parameters(), lr=lr)
+        best, best_step, best_state, bad = -math.inf, 0, copy.deepcopy(self.state_dict()), 0
+        step = 0
+        for step in range(1, steps + 1):
+            idx = torch.randperm(len(xt), generator=gen)[: batch or len(xt)]
+            loss = -self(xt[idx], yt[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if step % eval_every == 0 or step == steps:
+                with torch.no_grad():
+                    value = float(self(xv, yv))
+                if value > best:
+                    best, best_step, best_state, bad = value, step, copy.deepcopy(self.state_dict()), 0
+                else:
+                    bad += 1
+                    if bad >= patience:
+                        break
+        self.load_state_dict(best_state)
+        if best_step == 0:  # no evaluation ran (steps == 0): score the untrained critic
+            with torch.no_grad():
+                best = float(self(xv, yv))
+        self.heldout_mi, self.best_step, self.steps_run = best, best_step, step
         return self
 
 
+def _rank_transform(x_NK: torch.Tensor) -> torch.Tensor:
+    """Each column replaced by its ranks (the empirical copula): invariant to
+    any strictly increasing map of a coordinate, and free of heavy tails."""
+    cols_KN = x_NK.T.contiguous()
+    sorted_KN = cols_KN.sort(1).values
+    lo = torch.searchsorted(sorted_KN, cols_KN)
+    hi = torch.searchsorted(sorted_KN, cols_KN, right=True)
+    return ((lo + hi - 1).to(torch.float64) / 2).T  # mid-ranks: ties (constant columns) stay tied
+
+
 class KSG(nn.Module):
-    """Kraskov-Stoegbauer-Grassberger estimator (algorithm 1), max-norm kNN.
+    """Kraskov-Stoegbauer-Grassberger estimator (algorithm 1).
+
+    metric: the norm within X and within Y ("euclidean" or "max"); the joint
+    distance is the max of the two, as in KSG. transform="rank" replaces each
+    coordinate by its ranks first, so the estimate is invariant to monotone
+    maps of each coordinate (MI is) and robust to heavy tails. Defaults
+    (euclidean, rank) were picked from `mi-scale mi-check` (README).
 
     Not differentiable: for monitoring and validation only. O(N^2) memory.
     Known to underestimate strongly dependent variables (large MI relative to
@@ -254,20 +401,34 @@ class KSG(nn.Module):
     """
 
     differentiable = False
+    check_finite = True
     unit = "nats"
 
-    def __init__(self, k: int = 3):
+    def __init__(self, k: int = 3, metric: str = "euclidean", transform: str = "rank"):
         super().__init__()
-        self.k = k
+        if metric not in ("euclidean", "max"):
+            raise EstimatorError(f"ksg: metric must be 'euclidean' or 'max', got {metric!r}")
+        if transform not in ("none", "rank"):
+            raise EstimatorError(f"ksg: transform must be 'none' or 'rank', got {transform!r}")
+        if not (isinstance(k, int) and k >= 1):
+            raise EstimatorError(f"ksg: k must be an integer >= 1, got {k!r}")
+        self.k, self.metric, self.transform = k, metric, transform
 
     @torch.no_grad()
     def _estimate(self, x_NK: torch.Tensor, y_NK: torch.Tensor) -> torch.Tensor:
-        x = _standardize(x_NK.to(torch.float64))
-        y = _standardize(y_NK.to(torch.float64))
+        x, y = x_NK.to(torch.float64), y_NK.to(torch.float64)
+        if self.transform == "rank":
+            x, y = _rank_transform(x), _rank_transform(y)
+        # Tiny fixed noise breaks ties (duplicated rows, constant columns),
+        # which kNN counts assume away (Kraskov et al. 2004 do the same).
+        g = torch.Generator(device=x.device).manual_seed(0)
+        x = _standardize(x) + 1e-10 * torch.randn(x.shape, generator=g, dtype=x.dtype, device=x.device)
+        y = _standardize(y) + 1e-10 * torch.randn(y.shape, generator=g, dtype=y.dtype, device=y.device)
         n = len(x)
         k = min(self.k, n - 1)
-        dx = torch.cdist(x, x, p=float("inf"))
-        dy = torch.cdist(y, y, p=float("inf"))
+        p = 2.0 if self.metric == "euclidean" else float("inf")
+        dx = torch.cdist(x, x, p=p)
+        dy = torch.cdist(y, y, p=p)
         dz = torch.maximum(dx, dy)
         dz.fill_diagonal_(float("inf"))
         eps_N = dz.kthvalue(k, dim=1).values
@@ -279,7 +440,7 @@ class KSG(nn.Module):
         return mi.clamp_min(0.0).to(torch.float32)
 
     def forward(self, x_NK: torch.Tensor, y_NK: torch.Tensor) -> torch.Tensor:
-        _check_pair(x_NK, y_NK)
+        _check_pair(x_NK, y_NK, self.check_finite)
         if torch.is_grad_enabled() and (x_NK.requires_grad or y_NK.requires_grad):
             raise EstimatorError(
                 "ksg is not differentiable: use it for monitoring only (mi.weight=0, or call it under "
@@ -307,3 +468,14 @@ def build(name: str, **kwargs) -> nn.Module:
         return REGISTRY[name](**kwargs)
     except TypeError as e:
         raise EstimatorError(f"estimator {name!r}: bad arguments {kwargs}: {e}") from None
+
+
+def gaussian_ceiling(k: int, shrinkage: float) -> float:
+    """Largest value GaussianMI(shrinkage, bias_correction=False) can report
+    for two k-dim sketches: y a copy of x with uncorrelated columns. Each of
+    the k dims then has the shrunk 2x2 correlation [[1, 1-s], [1-s, 1]] with
+    determinant s(2-s), so I = -k/2 log(s(2-s)) (13.29 nats for k=16, s=0.1).
+    A logged MI near it says the estimator is saturated, not the layers."""
+    if not 0.0 < shrinkage < 1.0:
+        raise EstimatorError(f"gaussian_ceiling: shrinkage must be in (0, 1), got {shrinkage!r}")
+    return -0.5 * k * math.log(shrinkage * (2.0 - shrinkage))

@@ -116,8 +116,12 @@ class MIRegularizer(nn.Module):
                  sketch: str = "random", sketch_dim: int = 64, tokens_per_sample: int = 8,
                  weight: float = 0.1, seed: int = 0, every: int = 1, log_every: int | None = None,
                  warmup_steps: int = 0, pair_weights: list[float] | None = None,
-                 estimator_kwargs: dict | None = None, group=None):
+                 estimator_kwargs: dict | None = None, group=None, on_nonfinite: str = "error"):
         super().__init__()
+        if on_nonfinite not in ("error", "skip"):
+            raise RegularizerError(f"mi.on_nonfinite: invalid value {on_nonfinite!r}; use 'error' or 'skip'")
+        self.on_nonfinite = on_nonfinite
+        self.skipped_nonfinite = 0  # steps (micro-batches) whose MI term was dropped (on_nonfinite=skip)
         self.layer_names = match_layers(model, list(layers))
         self.estimator_name = estimator
         self.estimator_kwargs = {**TRAINING_ESTIMATOR_DEFAULTS.get(estimator, {}), **(estimator_kwargs or {})}
@@ -133,6 +137,8 @@ class MIRegularizer(nn.Module):
         # rest are stateless and shared.
         self.critics = nn.ModuleDict()
         self._shared_estimator = None if estimator == "infonce" else estimators.build(estimator, **self.estimator_kwargs)
+        if self._shared_estimator is not None:
+            self._shared_estimator.check_finite = False  # loss() checks a whole step at once
         self._order: list[str] | None = None  # hooked layers in forward-execution order
         self._sketches: dict[str, torch.Tensor] = {}
         self._capture_step: int | None = None  # set_step(): select tokens in the hook
@@ -246,6 +252,7 @@ class MIRegularizer(nn.Module):
             for key in self._pair_keys():
                 if key not in self.critics:
                     self.critics[key] = estimators.build("infonce", x_dim=self.k, **self.estimator_kwargs).to(device)
+                    self.critics[key].check_finite = False  # loss() checks a whole step at once
         self._sketches = {}
         return self.pair_names
 
@@ -300,14 +307,19 @@ class MIRegularizer(nn.Module):
         rank, size = world(self.group)
         grad = mode == "train" and torch.is_grad_enabled()
 
-        # One all-gather for all layers: (n, (L+1) K) -> (N, (L+1) K).
-        fractions = token_fractions(self.seed, step, self.tokens_per_sample)
-        local = torch.cat([(sketches[name] if selected else select_tokens(sketches[name], fractions)).float()
-                           for name in self._order], 1)
+        # One all-gather for all layers: (n, L K) -> (N, L K). float64 sketches
+        # (a float64 model) stay float64; everything else computes in float32.
+        if selected:
+            local = torch.cat([sketches[name] for name in self._order], 1)
+        else:
+            fractions = token_fractions(self.seed, step, self.tokens_per_sample)
+            local = torch.cat([select_tokens(sketches[name], fractions) for name in self._order], 1)
+        if local.dtype != torch.float64:
+            local = local.float()
         if not grad:
             local = local.detach()
         gathered = gather_rows(local, self.group, differentiable=grad)
-        per_layer = gathered.split(self.k, dim=1)
+        num_layers = len(self._order)
         if self.estimator_name == "gaussian" and len(gathered) <= 2 * self.k + 1:
             # Fewer rows than joint dims: the covariance is singular and the
             # estimate measures the shrinkage, not the layers.
@@ -315,32 +327,70 @@ class MIRegularizer(nn.Module):
                 f"mi.sketch_dim={self.k}: the gaussian estimator needs more than 2*sketch_dim+1="
                 f"{2 * self.k + 1} sketched rows per step, got {len(gathered)} (global batch x tokens per "
                 f"sample); lower mi.sketch_dim or raise data.batch_size or mi.tokens_per_sample")
+        # Non-finite sketches: one device-side flag per layer, read back with
+        # the MI values below (no extra host sync). Until then the estimators
+        # see zeros in their place, so neither the value nor any gradient
+        # (torch.where passes none to the masked branch) carries a NaN.
+        # Column sums are non-finite iff a column holds NaN/Inf (or values so
+        # large that the covariance would overflow anyway): cheaper than
+        # isfinite on every entry.
+        finite_L = torch.isfinite(gathered.detach().sum(0)).view(num_layers, self.k).all(1)
+        all_finite = finite_L.all()
+        gathered = torch.where(all_finite, gathered, torch.zeros((), dtype=gathered.dtype, device=gathered.device))
+        per_layer = gathered.split(self.k, dim=1)
 
-        owners = assign_pairs(len(self._order) - 1, size)
-        values = torch.zeros(len(owners), dtype=torch.float32, device=device)
+        owners = assign_pairs(num_layers - 1, size)
+        values = torch.zeros(len(owners) + num_layers, dtype=torch.float32, device=device)
         weight = self.schedule.weight_at(step)
         reg = gathered.sum() * 0.0  # keeps every rank in the backward collective
-        for p, owner in enumerate(owners):
-            if owner != rank:
-                if self.critics:
+        mine = [p for p, owner in enumerate(owners) if owner == rank]  # contiguous (assign_pairs)
+        if self.critics:
+            for p in range(len(owners)):
+                with torch.set_grad_enabled(grad):
+                    mi = self._estimator_for(p)(per_layer[p], per_layer[p + 1]) if p in mine else \
+                        self._estimator_for(p)(per_layer[p][:2], per_layer[p + 1][:2])
+                if p not in mine:
                     # Critics of pairs owned elsewhere get an exact zero
                     # gradient here, so every rank reduces the same set of
                     # gradients. A module call (not p.sum()) so that ZeRO-3
                     # gathers the partitioned parameters first and sees the
                     # same sequence of module calls on every rank.
-                    with torch.set_grad_enabled(grad):
-                        reg = reg + 0.0 * self._estimator_for(p)(per_layer[p][:2], per_layer[p + 1][:2])
-                continue
-            est = self._estimator_for(p)
+                    reg = reg + 0.0 * mi
+                    continue
+                values[p] = mi.detach()
+                if grad:
+                    reg = reg - weight * (self.pair_weights[p] if self.pair_weights else 1.0) * size * mi
+        elif mine:
+            lo, hi = mine[0], mine[-1] + 1
+            est = self._shared_estimator
             with torch.set_grad_enabled(grad):
-                # Parameter-free estimators are called through .forward, not as
-                # modules: ranks own different numbers of pairs, and ZeRO-3
-                # requires the same sequence of module calls on every rank.
-                mi = est(per_layer[p], per_layer[p + 1]) if self.critics else \
-                    est.forward(per_layer[p], per_layer[p + 1])
-            values[p] = mi.detach()
+                # Parameter-free estimators are not called as modules: ranks
+                # own different numbers of pairs, and ZeRO-3 requires the same
+                # sequence of module calls on every rank.
+                if isinstance(est, estimators.GaussianMI):  # all my pairs in one batch
+                    mi_P = est.chain_concat(gathered[:, lo * self.k:(hi + 1) * self.k], self.k)
+                else:
+                    mi_P = torch.stack([est.forward(per_layer[p], per_layer[p + 1]) for p in mine])
+            values[lo:hi] = mi_P.detach().float()
             if grad:
-                w_p = weight * (self.pair_weights[p] if self.pair_weights is not None else 1.0)
-                reg = reg - w_p * mi * size
-        values = all_reduce_sum(values, self.group)
-        return reg, dict(zip(self.pair_names, values.tolist()))
+                if self.pair_weights is None:
+                    reg = reg - (weight * size) * mi_P.sum()
+                else:
+                    w_P = torch.tensor(self.pair_weights[lo:hi], dtype=mi_P.dtype, device=mi_P.device)
+                    reg = reg - (weight * size) * (w_P * mi_P).sum()
+        if rank == 0:
+            values[len(owners):] = (~finite_L).float()  # the same on every rank: counted once
+        reg = torch.where(all_finite, reg, torch.zeros((), dtype=reg.dtype, device=reg.device))
+        values = all_reduce_sum(values, self.group).tolist()
+        bad_layers = [self._order[i] for i, v in enumerate(values[len(owners):]) if v > 0]
+        if bad_layers:
+            if self.on_nonfinite == "error":
+                first = self._order.index(bad_layers[0])
+                pair = self.pair_names[max(first - 1, 0)]
+                raise RegularizerError(
+                    f"mi: non-finite (NaN/Inf) activations in layer pair {pair} (layer {bad_layers[0]!r}) "
+                    f"at step {step}; fix the model's numerics, or set mi.on_nonfinite=skip to drop the MI "
+                    "term on such steps")
+            self.skipped_nonfinite += 1
+            return reg, {}
+        return reg, dict(zip(self.pair_names, values[:len(owners)]))

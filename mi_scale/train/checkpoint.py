@@ -173,6 +173,46 @@ def check_compatible(meta: dict, world_size: int, ckpt: Path, training_keys: dic
             f"per rank, and the data order is per-rank)")
 
 
+def restore_nvme_resident_optimizer_state(engine, ckpt: Path, rank: int) -> None:
+    """With the optimizer offloaded to NVMe, DeepSpeed's load_checkpoint only
+    copies the swap files back (the fp32 master and Adam moments of swappable
+    sub-groups) and skips the ZeRO optimizer file. What never lived in swap
+    files would restart from scratch: each sub-group's Adam `step` (so the
+    first resumed update used step-1 bias correction), and the whole state of
+    sub-groups too small to swap. Restore exactly those from this rank's
+    optim_states file; empty tensors there stand for swapped state."""
+    zero = engine.optimizer
+    files = sorted(ckpt.glob(f"*zero_pp_rank_{rank}_*optim_states.pt"))
+    if len(files) != 1:
+        raise RuntimeError(f"expected one ZeRO optimizer file for rank {rank} in {ckpt}, found {len(files)}")
+    saved = torch.load(files[0], map_location="cpu", weights_only=True)["optimizer_state_dict"]
+    inner = saved["optimizer_state_dict"]
+    # Saved state ids follow param_groups order; ZeRO-3 appends its sub-groups'
+    # fp32 partitions to their param group in sub-group order when saving.
+    sub_groups = [s for g in range(len(zero.optimizer.param_groups))
+                  for s, gid in sorted(zero.sub_group_to_group_id.items()) if gid == g]
+    saved_ids = [i for g in inner["param_groups"] for i in g["params"]]
+    if len(saved_ids) != len(sub_groups):
+        raise RuntimeError(f"{files[0]} has {len(saved_ids)} optimizer sub-groups, this model has {len(sub_groups)}")
+    for sub_group, saved_id in zip(sub_groups, saved_ids):
+        fp32 = zero.fp32_partitioned_groups_flat[sub_group]
+        state = zero.optimizer.state[fp32]
+        for key, value in inner["state"].get(saved_id, {}).items():
+            if torch.is_tensor(value) and value.numel() == 0:
+                continue  # swapped: already back from the swap files
+            if torch.is_tensor(value) and torch.is_tensor(state.get(key)) and state[key].shape == value.shape:
+                state[key].copy_(value)
+            else:
+                state[key] = value.clone() if torch.is_tensor(value) else value
+        master = saved["fp32_flat_groups"][sub_group]
+        if master.numel() > 0 and fp32.numel() == master.numel():  # a resident (not swapped) sub-group
+            fp32.data.copy_(master)
+            zero.fp16_partitioned_groups_flat[sub_group].data.copy_(master)
+            params = zero.fp16_partitioned_groups[sub_group]
+            for param, value in zip(params, zero.unflatten(zero.fp16_partitioned_groups_flat[sub_group], params)):
+                param.data = value.data
+
+
 def _load_deepspeed(engine, ckpt: Path, rank: int) -> None:
     """DeepSpeed's files of `ckpt`, through the universal format when the
     engine was built to reshard (train/reshard.py)."""
@@ -182,8 +222,10 @@ def _load_deepspeed(engine, ckpt: Path, rank: int) -> None:
         tag = universal_tag(ckpt, rank)
     with safe_deepspeed_loads():
         path, _ = engine.load_checkpoint(str(ckpt.parent), tag=tag, load_lr_scheduler_states=True)
-    if path is None:
-        raise RuntimeError("DeepSpeed found no model states")
+        if path is None:
+            raise RuntimeError("DeepSpeed found no model states")
+        if engine.zero_nvme_offload_optimizer():
+            restore_nvme_resident_optimizer_state(engine, ckpt, rank)
 
 
 def load_latest(engine, run_dir: Path, world_size: int, training_keys: dict, elastic: bool = False):

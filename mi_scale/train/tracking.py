@@ -94,8 +94,9 @@ class Tracker:
         eta = elapsed / max(done, 1) * (self.total_steps - step)
         mi = f" | MI {row['mi_mean']:.3f}" if "mi_mean" in row else ""
         mfu = f" | MFU {100 * row['mfu']:.1f}%" if "mfu" in row else ""
-        print(f"step {step:>6}/{self.total_steps} | loss {row['loss']:.4f} | task {row['task_loss']:.4f}{mi} | "
-              f"{row['samples_per_s']:.0f} samples/s{mfu} | ETA {_hms(eta)}", flush=True)
+        from mi_scale.console import say
+        say(f"step {step:>6}/{self.total_steps} | loss {row['loss']:.4f} | task {row['task_loss']:.4f}{mi} | "
+            f"{row['samples_per_s']:.0f} samples/s{mfu} | ETA {_hms(eta)}")
 
     def heatmap(self, step: int, force: bool = False) -> Path | None:
         if not self.mi_history or (not force and step % self.heatmap_every):

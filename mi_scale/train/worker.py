@@ -17,6 +17,7 @@ import json
 import os
 import random
 import resource
+import signal
 import sys
 import time
 from pathlib import Path
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from mi_scale import __version__
+from mi_scale import __version__, console
 from mi_scale import config as config_mod
 from mi_scale.config import Config
 from mi_scale.train import checkpoint, throughput
@@ -73,10 +74,17 @@ def build_objective(cfg: Config, bundle, world: int):
     reg = MIRegularizer(model, layers, estimator=m.estimator, sketch=m.sketch, sketch_dim=m.sketch_dim,
                         tokens_per_sample=m.tokens_per_sample, weight=m.weight, seed=cfg.run.seed,
                         every=m.every, log_every=m.log_every, warmup_steps=m.warmup_steps,
-                        pair_weights=m.pair_weights, estimator_kwargs=m.estimator_kwargs)
+                        pair_weights=m.pair_weights, estimator_kwargs=m.estimator_kwargs,
+                        on_nonfinite=m.on_nonfinite)
     # creates learned sketches / critics before the optimizer exists
     reg.discover(bundle.train[:2]["x"].to("meta"), shape_model=twin)
-    return Objective(model, reg, bundle.task), ds_conf
+    control = None
+    if m.control == "deep_supervision":
+        from mi_scale.train.control import DeepSupervision
+        widths = DeepSupervision.widths(twin, reg.layer_names, bundle.train[:2]["x"].to("meta"))
+        control = DeepSupervision(widths, bundle.num_classes or bundle.vocab_size)
+        control.attach(model)
+    return Objective(model, reg, bundle.task, control), ds_conf
 
 
 @torch.no_grad()
@@ -122,6 +130,7 @@ def run_worker(cfg: Config, resume: bool = False, on_checkpoint=None) -> dict:
     from mi_scale.data import ShardedBatches, build_data
     from mi_scale.train.engine import build_engine, check_nvme_offload
 
+    t_setup = time.perf_counter()
     check_nvme_offload(cfg)
     rank, world = init_process_group()
     run_dir = cfg.run_dir()
@@ -157,11 +166,13 @@ def run_worker(cfg: Config, resume: bool = False, on_checkpoint=None) -> dict:
                 reshard_mod.reseed(cfg.run.seed, rank, start_step)
             if rank == 0:
                 if reshard is not None:
-                    print(reshard.message(), flush=True)
-                print(f"[mi-scale] resumed from {run_dir / 'checkpoints' / meta['tag']} at step {start_step} "
-                      f"(loaded in {t_load:.1f} s)", flush=True)
+                    console.say(reshard.message())
+                console.event("resumed", step=start_step, line=(
+                    f"[mi-scale] resumed from {run_dir / 'checkpoints' / meta['tag']} at step {start_step} "
+                    f"(loaded in {t_load:.1f} s)"))
         elif rank == 0:
-            print(f"[mi-scale] no valid checkpoint in {run_dir / 'checkpoints'}: starting at step 0", flush=True)
+            console.event("resumed", step=0, line=(
+                f"[mi-scale] no valid checkpoint in {run_dir / 'checkpoints'}: starting at step 0"))
     tracker = None
     if rank == 0:  # only now, after the checkpoint proved compatible, touch the run dir's files
         config_mod.save(cfg, run_dir / "config.yaml")
@@ -179,8 +190,10 @@ def run_worker(cfg: Config, resume: bool = False, on_checkpoint=None) -> dict:
         cfg.data.batch_size, t.grad_accum, world, tokens_per_sample)
     peak = throughput.agreed_peak_flops_per_s(dev, torch.bfloat16 if engine.bfloat16_enabled() else torch.float32)
     if rank == 0 and peak is None:
-        print("[mi-scale] no peak FLOP/s known for this device: set MI_SCALE_PEAK_FLOPS (per rank) "
-              "to log mfu", flush=True)
+        console.say("[mi-scale] no peak FLOP/s known for this device: set MI_SCALE_PEAK_FLOPS (per rank) "
+                    "to log mfu")
+    if rank == 0:
+        console.phase("workers set up", detail=f"data, model, engine in {time.perf_counter() - t_setup:.1f} s")
     last_eval: dict = {}
     try:
         for step in range(start_step, t.steps):
@@ -219,10 +232,15 @@ def run_worker(cfg: Config, resume: bool = False, on_checkpoint=None) -> dict:
             gn = engine.get_global_grad_norm()
             if gn is not None:
                 row["grad_norm"] = float(gn)
+            if cfg.mi.on_nonfinite == "skip":  # MI terms dropped for NaN/Inf so far in this process
+                row["mi_skipped_nonfinite"] = objective.regularizer.skipped_nonfinite
+            row.update(engine.module.extras)  # mi.control's matched gradient norms
             if mi_values:
                 row.update({f"mi/{k}": v for k, v in mi_values.items()})
                 row["mi_mean"] = sum(mi_values.values()) / len(mi_values)
             if tracker is not None:
+                if step == start_step:
+                    console.phase("first step", detail=f"step {done}")
                 tracker.log(done, row)
                 if done % t.log_every == 0 or done == t.steps:
                     tracker.progress(done, row)
@@ -231,8 +249,8 @@ def run_worker(cfg: Config, resume: bool = False, on_checkpoint=None) -> dict:
                 last_eval = evaluate(engine, bundle.test, cfg, rank, world)
                 if tracker is not None:
                     tracker.log(done, last_eval)
-                    print(f"eval  {done:>6}/{t.steps} | " + " | ".join(
-                        f"{k} {v:.4f}" for k, v in last_eval.items() if k != "split"), flush=True)
+                    console.say(f"eval  {done:>6}/{t.steps} | " + " | ".join(
+                        f"{k} {v:.4f}" for k, v in last_eval.items() if k != "split"))
             if done % t.checkpoint_every == 0 or done == t.steps:
                 meta = {"samples_seen": samples_seen, "world_size": world, "config_hash": cfg.training_hash(),
                         "training_keys": cfg.training_keys(), "wandb_id": tracker.wandb_id if tracker else None,
@@ -243,8 +261,8 @@ def run_worker(cfg: Config, resume: bool = False, on_checkpoint=None) -> dict:
                                        kill_at=cfg.fault.kill_during_checkpoint)
                 if rank == 0:
                     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-                    print(f"[mi-scale] checkpoint {path.name}: {size / 2**30:.2f} GiB, saved in "
-                          f"{time.perf_counter() - t_save:.1f} s", flush=True)
+                    console.say(f"[mi-scale] checkpoint {path.name}: {size / 2**30:.2f} GiB, saved in "
+                                f"{time.perf_counter() - t_save:.1f} s")
                 if on_checkpoint is not None:
                     on_checkpoint(path, done, {**row, **last_eval})
     finally:
@@ -256,8 +274,14 @@ def run_worker(cfg: Config, resume: bool = False, on_checkpoint=None) -> dict:
 
 
 def _maybe_inject_fault(cfg: Config, run_dir: Path, rank: int, step: int) -> None:
-    """Test-only: rank fault.fail_rank raises once when reaching fault.fail_at_step."""
+    """Test-only: rank fault.fail_rank raises once when reaching fault.fail_at_step,
+    or kills its own process with SIGKILL once at fault.kill_at_step."""
     f = cfg.fault
+    if f.kill_at_step is not None and rank == f.fail_rank and step == f.kill_at_step:
+        marker = run_dir / f".fault-killed-step{f.kill_at_step}-rank{f.fail_rank}"
+        if not marker.exists():
+            marker.write_text("1")
+            os.kill(os.getpid(), signal.SIGKILL)
     if f.fail_at_step is None or rank != f.fail_rank or step != f.fail_at_step:
         return
     marker = run_dir / f".fault-injected-step{f.fail_at_step}-rank{f.fail_rank}"
