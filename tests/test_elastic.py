@@ -33,7 +33,7 @@ def test_ray_says_when_num_workers_cannot_be_met(tmp_path, monkeypatch):
         ray.shutdown()
         shutil.rmtree(temp, ignore_errors=True)
     assert str(e.value) == (
-        f"cluster.num_workers=2: Ray could not start 2 workers of 1 CPU each within 5 s, 1 time(s) (cluster.max_failures + 1): "
-        f"the cluster has fewer free resources (a node lost?). Fix: resume "
+        f"cluster.num_workers=2: Ray could not start 2 workers of 1 CPU each within 5 s, 1 time(s) "
+        f"(cluster.max_failures + 1): the cluster has fewer free resources (a node lost?). Fix: resume "
         f"on the workers there are, `mi-scale resume {cfg.run_dir()} --set cluster.num_workers=M` (the global batch "
         f"is kept), add nodes, or wait longer with RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S")
