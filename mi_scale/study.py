@@ -53,8 +53,11 @@ ROLES = ("baseline", "raise", "lower", "control", "residual")
 
 
 def is_study(runs) -> bool:
-    """Runs of the study grids: a cell grid ("arm@cell"), an LM arm, or a control arm."""
-    return any("@" in r.arm or _is_lm(r) or r._get("mi", "control", "none") != "none" for r in runs)
+    """Runs of the study grids: a cell grid ("arm@cell"), a control arm, or
+    language-model and classification runs together. LM runs alone keep the
+    generic report (eval loss)."""
+    return (any("@" in r.arm or r._get("mi", "control", "none") != "none" for r in runs)
+            or len({_is_lm(r) for r in runs}) == 2)
 
 
 def _is_lm(run) -> bool:
