@@ -116,7 +116,7 @@ def _recompute(run: Path, threshold: float) -> tuple[float, int | None]:
             last.update({key: v for key, v in r.items() if key.startswith("mi/") and "->" in key
                          and isinstance(v, float) and math.isfinite(v)})
     sat = sum(v >= 0.95 * ceiling for v in last.values()) / len(last) if last else math.nan
-    reached = [r["step"] for r in rows if r["split"] == "eval" and r["eval_accuracy"] >= threshold]
+    reached = [r["step"] for r in rows if r["split"] == "eval" and r.get("eval_accuracy", -1.0) >= threshold]
     return sat, (min(reached) if reached else None)
 
 
