@@ -173,14 +173,17 @@ def check_compatible(meta: dict, world_size: int, ckpt: Path, training_keys: dic
             f"per rank, and the data order is per-rank)")
 
 
-def restore_nvme_resident_optimizer_state(engine, ckpt: Path, rank: int) -> None:
-    """With the optimizer offloaded to NVMe, DeepSpeed's load_checkpoint only
-    copies the swap files back (the fp32 master and Adam moments of swappable
-    sub-groups) and skips the ZeRO optimizer file. What never lived in swap
-    files would restart from scratch: each sub-group's Adam `step` (so the
-    first resumed update used step-1 bias correction), and the whole state of
-    sub-groups too small to swap. Restore exactly those from this rank's
-    optim_states file; empty tensors there stand for swapped state."""
+def restore_nvme_optimizer_state(engine, ckpt: Path, rank: int) -> None:
+    """With the optimizer offloaded to NVMe, DeepSpeed's (0.19.8)
+    load_checkpoint skips the ZeRO optimizer file and only copies the swap
+    files back; a new process's swapper does not know those files hold Adam
+    moments (it registers state tensors at the first step), so Adam restarted
+    from zero moments at step 1, and at the initial lr (the param groups' lr
+    comes back only with the optimizer file). Put the saved state back: the
+    param groups' hyperparameters and per sub-group the Adam step (and any
+    resident tensor) from this rank's optim_states file, the master and
+    moments of swapped sub-groups from the checkpoint's swap files, then let
+    DeepSpeed swap them out so its swapper tracks them."""
     zero = engine.optimizer
     files = sorted(ckpt.glob(f"*zero_pp_rank_{rank}_*optim_states.pt"))
     if len(files) != 1:
@@ -194,23 +197,45 @@ def restore_nvme_resident_optimizer_state(engine, ckpt: Path, rank: int) -> None
     saved_ids = [i for g in inner["param_groups"] for i in g["params"]]
     if len(saved_ids) != len(sub_groups):
         raise RuntimeError(f"{files[0]} has {len(saved_ids)} optimizer sub-groups, this model has {len(sub_groups)}")
+    # the param groups' live hyperparameters (the scheduled lr above all)
+    for group, saved_group in zip(zero.optimizer.param_groups, inner["param_groups"]):
+        group.update({k: v for k, v in saved_group.items() if k != "params"})
+    swap_dir = ckpt / "offloaded_tensors" / f"rank{rank:02d}"
+    # swap files are named by the fp32 partition's ds_id "<first>_<last>" param
+    # ids; a process that built other models first numbers them higher, so
+    # match by order, not by name
+    swap_ids = sorted((p.name.split(".")[0] for p in swap_dir.glob("*.tensor.swp") if "-" not in p.name),
+                      key=lambda i: int(i.split("_")[0]))
+    swappable = [s for s in range(len(zero.fp16_groups)) if zero._swappable_optimizer_subgroup(s)]
+    if len(swap_ids) != len(swappable):
+        raise RuntimeError(f"{swap_dir} has {len(swap_ids)} swapped sub-groups, this model has {len(swappable)}")
+    swap_id_of = dict(zip(swappable, swap_ids))
+    timers: set = set()
     for sub_group, saved_id in zip(sub_groups, saved_ids):
         fp32 = zero.fp32_partitioned_groups_flat[sub_group]
-        state = zero.optimizer.state[fp32]
-        for key, value in inner["state"].get(saved_id, {}).items():
-            if torch.is_tensor(value) and value.numel() == 0:
-                continue  # swapped: already back from the swap files
-            if torch.is_tensor(value) and torch.is_tensor(state.get(key)) and state[key].shape == value.shape:
-                state[key].copy_(value)
-            else:
-                state[key] = value.clone() if torch.is_tensor(value) else value
+        saved_state = inner["state"].get(saved_id, {})
+        if sub_group in swap_id_of:
+            numel = zero.fp16_partitioned_groups_flat_numel[sub_group]
+
+            def swapped(prefix: str) -> torch.Tensor:
+                raw = np.fromfile(swap_dir / f"{prefix}{swap_id_of[sub_group]}.tensor.swp", dtype=np.float32, count=numel)
+                return torch.from_numpy(raw).to(fp32.dtype)
+
+            zero._prepare_sub_group(sub_group, timers)  # swap buffers in
+            fp32.data.view(-1)[:numel].copy_(swapped(""))
+            zero.optimizer.state[fp32] = {
+                key: swapped(f"{key}-") if torch.is_tensor(value) and value.numel() == 0
+                else value.clone() if torch.is_tensor(value) else value for key, value in saved_state.items()}  # empty tensors stand for swapped ones
+            zero._reassign_or_swap_out_partitioned_parameters(sub_group)  # the model's partitions from the master
+            zero._release_sub_group(sub_group, timers)  # swaps master and moments out, now tracked
+            continue
+        zero.optimizer.state[fp32] = {k: v.clone() if torch.is_tensor(v) else v for k, v in saved_state.items()}
         master = saved["fp32_flat_groups"][sub_group]
-        if master.numel() > 0 and fp32.numel() == master.numel():  # a resident (not swapped) sub-group
-            fp32.data.copy_(master)
-            zero.fp16_partitioned_groups_flat[sub_group].data.copy_(master)
-            params = zero.fp16_partitioned_groups[sub_group]
-            for param, value in zip(params, zero.unflatten(zero.fp16_partitioned_groups_flat[sub_group], params)):
-                param.data = value.data
+        fp32.data.copy_(master)
+        zero.fp16_partitioned_groups_flat[sub_group].data.copy_(master)
+        params = zero.fp16_partitioned_groups[sub_group]
+        for param, value in zip(params, zero.unflatten(zero.fp16_partitioned_groups_flat[sub_group], params)):
+            param.data = value.data
 
 
 def _load_deepspeed(engine, ckpt: Path, rank: int) -> None:
@@ -225,7 +250,7 @@ def _load_deepspeed(engine, ckpt: Path, rank: int) -> None:
         if path is None:
             raise RuntimeError("DeepSpeed found no model states")
         if engine.zero_nvme_offload_optimizer():
-            restore_nvme_resident_optimizer_state(engine, ckpt, rank)
+            restore_nvme_optimizer_state(engine, ckpt, rank)
 
 
 def load_latest(engine, run_dir: Path, world_size: int, training_keys: dict, elastic: bool = False):
