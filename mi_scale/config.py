@@ -236,6 +236,9 @@ class FaultConfig:
     kill_during_checkpoint: Optional[int] = None
     # rank fail_rank kills its own process with SIGKILL once, at the start of this step
     kill_at_step: Optional[int] = None
+    # rank fail_rank stops making progress once, at the start of this step, until
+    # the process is killed (a test's fixed point at which to kill the driver)
+    stall_at_step: Optional[int] = None
 
 
 @dataclass

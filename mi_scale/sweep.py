@@ -55,6 +55,10 @@ def run_grid(grid: str | list[str], output_dir: str = "runs/sweep", address: str
              parallel: int | None = None, overrides: list[str] | None = None) -> int:
     """Run every trial of one grid or several (their trials share one queue,
     in the order given; run names must not repeat across grids)."""
+    import sys
+
+    if not address and "ray" not in sys.modules:
+        os.environ.setdefault("RAY_AUTH_MODE", "token")  # as orchestrate.run: no token warning
     import ray
 
     from mi_scale.report import expand_grid, write_report
@@ -80,8 +84,9 @@ def run_grid(grid: str | list[str], output_dir: str = "runs/sweep", address: str
         else:
             if parallel is not None and parallel < 1:
                 raise ConfigError(f"--parallel: invalid value {parallel}: use at least 1")
+            # trials write their own train.log; nothing of theirs belongs on the console
             ray.init(num_cpus=min(parallel or cpus, cpus), include_dashboard=False, logging_level="WARNING",
-                     _temp_dir=f"/tmp/ray-mi-sweep-{os.getpid()}")
+                     log_to_driver=False, _temp_dir=f"/tmp/ray-mi-sweep-{os.getpid()}")
         task = ray.remote(num_cpus=1)(_trial)
         t0 = time.perf_counter()
         pending = {task.remote(ov, str(run_dir)): (name, run_dir) for name, ov, run_dir, _ in todo}

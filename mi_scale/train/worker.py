@@ -275,8 +275,15 @@ def run_worker(cfg: Config, resume: bool = False, on_checkpoint=None) -> dict:
 
 def _maybe_inject_fault(cfg: Config, run_dir: Path, rank: int, step: int) -> None:
     """Test-only: rank fault.fail_rank raises once when reaching fault.fail_at_step,
-    or kills its own process with SIGKILL once at fault.kill_at_step."""
+    kills its own process with SIGKILL once at fault.kill_at_step, or stalls
+    once at fault.stall_at_step."""
     f = cfg.fault
+    if f.stall_at_step is not None and rank == f.fail_rank and step == f.stall_at_step:
+        marker = run_dir / f".fault-stalled-step{f.stall_at_step}-rank{f.fail_rank}"
+        if not marker.exists():
+            marker.write_text("1")
+            while True:
+                time.sleep(1)
     if f.kill_at_step is not None and rank == f.fail_rank and step == f.kill_at_step:
         marker = run_dir / f".fault-killed-step{f.kill_at_step}-rank{f.fail_rank}"
         if not marker.exists():
