@@ -106,16 +106,24 @@ def curves(panels: Mapping[str, Mapping[str, Series]], path: str | Path, *,
             if v_RS.shape[0] > 1 and not many:
                 ax.fill_between(x_S[ok], lo[ok], hi[ok], color=color[label], alpha=0.2, lw=0)
             drawn += 1
-        if not drawn:
-            _no_data(ax)
-        else:
-            ax.legend(fontsize="x-small")
         if logy and drawn:
             ax.set_yscale("log")
-        ax.set_title(panel, fontsize="medium")
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
+        _finish_panel(ax, drawn, panel, xlabel, ylabel)
+    return _finish_figure(fig, title, path)
+
+
+def _finish_panel(ax, drawn: int, panel: str, xlabel: str, ylabel: str) -> None:
+    if drawn:
+        ax.legend(fontsize="x-small")
+    else:
+        _no_data(ax)
+    ax.set_title(panel, fontsize="medium")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+
+
+def _finish_figure(fig, title: str | None, path):
     if title:
         fig.suptitle(title, fontsize="medium")
     fig.tight_layout()
@@ -306,15 +314,5 @@ def points_with_ci(panels: Mapping[str, Mapping[str, Sequence[tuple[float, float
             ax.set_xscale("symlog", linthresh=min(finite) if finite else 1e-3)
         elif xscale == "log2":
             ax.set_xscale("log", base=2)
-        if drawn:
-            ax.legend(fontsize="x-small")
-        else:
-            _no_data(ax)
-        ax.set_title(panel, fontsize="medium")
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-    if title:
-        fig.suptitle(title, fontsize="medium")
-    fig.tight_layout()
-    return _save(fig, path)
+        _finish_panel(ax, drawn, panel, xlabel, ylabel)
+    return _finish_figure(fig, title, path)
