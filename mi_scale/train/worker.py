@@ -278,23 +278,23 @@ def _maybe_inject_fault(cfg: Config, run_dir: Path, rank: int, step: int) -> Non
     kills its own process with SIGKILL once at fault.kill_at_step, or stalls
     once at fault.stall_at_step."""
     f = cfg.fault
-    if f.stall_at_step is not None and rank == f.fail_rank and step == f.stall_at_step:
-        marker = run_dir / f".fault-stalled-step{f.stall_at_step}-rank{f.fail_rank}"
-        if not marker.exists():
-            marker.write_text("1")
-            while True:
-                time.sleep(1)
-    if f.kill_at_step is not None and rank == f.fail_rank and step == f.kill_at_step:
-        marker = run_dir / f".fault-killed-step{f.kill_at_step}-rank{f.fail_rank}"
-        if not marker.exists():
-            marker.write_text("1")
-            os.kill(os.getpid(), signal.SIGKILL)
-    if f.fail_at_step is None or rank != f.fail_rank or step != f.fail_at_step:
+
+    def first_time(kind: str, at: int) -> bool:  # each fault fires once per run dir
+        marker = run_dir / f".fault-{kind}-step{at}-rank{f.fail_rank}"
+        if marker.exists():
+            return False
+        marker.write_text("1")
+        return True
+
+    if rank != f.fail_rank:
         return
-    marker = run_dir / f".fault-injected-step{f.fail_at_step}-rank{f.fail_rank}"
-    if marker.exists():
+    if step == f.stall_at_step and first_time("stalled", step):
+        while True:
+            time.sleep(1)
+    if step == f.kill_at_step and first_time("killed", step):
+        os.kill(os.getpid(), signal.SIGKILL)
+    if step != f.fail_at_step or not first_time("injected", step):
         return
-    marker.write_text("1")
     raise InjectedFault(f"injected fault on rank {rank} at step {step} (fault.fail_at_step)")
 
 
