@@ -131,8 +131,11 @@ def run_worker(cfg: Config, resume: bool = False, on_checkpoint=None) -> dict:
     from mi_scale.train.engine import build_engine, check_nvme_offload
 
     t_setup = time.perf_counter()
+    marks = []  # (what, seconds since t_setup): the breakdown of the phase line
+    mark = lambda what: marks.append((what, time.perf_counter() - t_setup))
     check_nvme_offload(cfg)
     rank, world = init_process_group()
+    mark("process group")
     run_dir = cfg.run_dir()
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -144,10 +147,13 @@ def run_worker(cfg: Config, resume: bool = False, on_checkpoint=None) -> dict:
         reshard = reshard_mod.plan(cfg, world)
     seed_everything(cfg.run.seed)  # identical model init on every rank
     bundle = build_data(cfg.data, cfg.run.seed)
+    mark("data")
     objective, ds_conf = build_objective(cfg, bundle, world)
+    mark("model")
     if reshard is not None:
         ds_conf = reshard_mod.deepspeed_config(ds_conf, cfg)
     engine = build_engine(cfg, objective, ds_conf)
+    mark("engine")
     batches = ShardedBatches(bundle.train, cfg.data.batch_size, rank, world, cfg.run.seed, cfg.data.shuffle)
     seed_everything(cfg.run.seed * 1000 + rank + 1)  # per-rank streams (dropout)
 
@@ -179,6 +185,7 @@ def run_worker(cfg: Config, resume: bool = False, on_checkpoint=None) -> dict:
         truncate_metrics(run_dir, start_step)
         tracker = Tracker(run_dir, cfg.to_dict(), cfg.train.steps, start_step, cfg.tracking.wandb,
                           cfg.tracking.project, cfg.run.group, cfg.tracking.heatmap_every)
+    mark("checkpoint and tracking")
 
     t, dev = cfg.train, device()
     tokens_per_sample = bundle.seq_len or 1
@@ -192,8 +199,10 @@ def run_worker(cfg: Config, resume: bool = False, on_checkpoint=None) -> dict:
     if rank == 0 and peak is None:
         console.say("[mi-scale] no peak FLOP/s known for this device: set MI_SCALE_PEAK_FLOPS (per rank) "
                     "to log mfu")
+    mark("peak FLOP/s")
     if rank == 0:
-        console.phase("workers set up", detail=f"data, model, engine in {time.perf_counter() - t_setup:.1f} s")
+        steps = [f"{what} {at - before:.1f}" for (what, at), before in zip(marks, [0.0] + [a for _, a in marks])]
+        console.phase("workers set up", detail=f"{marks[-1][1]:.1f} s: " + ", ".join(steps))
     last_eval: dict = {}
     try:
         for step in range(start_step, t.steps):
