@@ -1,9 +1,10 @@
-"""`mi-scale bench mi-overhead | peak | scale`.
+"""`mi-scale bench mi-overhead | peak | scale | startup`.
 
 mi-overhead: step time with the MI term / without (below). peak: matmul
 FLOP/s of this CPU, cached for MFU (`peak`). scale: a ladder of GPT sizes
 trained for a few steps through the real worker at ZeRO-2 and ZeRO-3
-(`scale`).
+(`scale`). startup: command to first step of the main job next to Ray's own
+floor (`startup`).
 
 mi-overhead: both variants run in the same process(es), interleaved step by step so that
 drift of the machine hits both equally, on identical models and batches. A
@@ -371,3 +372,80 @@ def scale(out_dir: str = "runs/bench", sizes: list[str] | None = None, stages: t
                 log(f"{head} {res['timed_steps']:>5} {res['step_time_s']:7.2f} {res['tokens_per_s']:9.0f} {mfu} "
                     f"{max(res['peak_rss_mb_per_rank']) / 1024:9.2f} GiB {res['wall_s']:6.0f}")
     return _write_rows(rows, Path(out_dir) / "bench_scale.json", log)
+
+
+# -- bench startup -----------------------------------------------------------------
+
+STARTUP_PHASES = ["ray ready", "resources requested", "worker group started", "worker group ready",
+                  "workers set up", "first step"]
+
+
+def _startup_command(variant: str, run_dir: Path, steps: int) -> list[str]:
+    import sys
+
+    if variant == "ray floor":
+        return [sys.executable, "-m", "mi_scale.bench", "startup-floor", str(run_dir)]
+    return [sys.executable, "-m", "mi_scale.cli", "train", "--set", f"run.output_dir={run_dir.parent}",
+            "--set", f"run.name={run_dir.name}", "--set", f"train.steps={steps}",
+            "--set", f"train.eval_every={steps}", "--set", f"train.checkpoint_every={steps}"]
+
+
+def _parse_startup(stdout: str) -> dict | None:
+    """The command's own `start-up: X s to the first step (phase +dt, ...)` line."""
+    import re
+
+    m = re.search(r"start-up: ([\d.]+) s to the first step \((.*)\)", stdout)
+    if m is None:
+        return None
+    steps = {name.strip(): float(dt) for name, dt in re.findall(r"([a-z ]+) \+([\d.]+)", m.group(2))}
+    return {"first_step_s": float(m.group(1)), "phases_s": steps}
+
+
+def startup(repeats: int = 2, steps: int = 50, out_dir: str = "runs/bench", log=print) -> list[dict]:
+    """Command to first step of the main job, side by side with Ray's floor:
+    the same command's Ray start, controller and worker group, whose workers
+    only join torch's process group (orchestrate._empty_loop). The two
+    alternate, `repeats` times each, so that drift hits both alike."""
+    import subprocess
+    import tempfile
+
+    log(f"startup: command to first step on an embedded Ray, main job (its config, train.steps={steps}) vs "
+        f"Ray's floor (same command, workers that only join the process group); {repeats} runs each, "
+        f"alternated; phase times from each command's own start-up line")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="mi-scale-startup-") as tmp:
+        for i in range(repeats):
+            for variant in ("ray floor", "main job"):
+                run_dir = Path(tmp) / f"{variant.replace(' ', '-')}-{i}"
+                t0 = time.time()
+                proc = subprocess.run(_startup_command(variant, run_dir, steps), capture_output=True, text=True)
+                parsed = _parse_startup(proc.stdout)
+                if proc.returncode != 0 or parsed is None:
+                    raise RuntimeError(f"startup bench: {variant} exited {proc.returncode}:\n"
+                                       f"{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+                rows.append({"variant": variant, "repeat": i, "wall_s": time.time() - t0, **parsed})
+                log(f"{variant:<10} run {i + 1}: {parsed['first_step_s']:5.1f} s to the first step  (" +
+                    ", ".join(f"{k} +{v:.1f}" for k, v in parsed["phases_s"].items()) + ")")
+    floor = statistics.median(r["first_step_s"] for r in rows if r["variant"] == "ray floor")
+    main = statistics.median(r["first_step_s"] for r in rows if r["variant"] == "main job")
+    log(f"median: ray floor {floor:.1f} s, main job {main:.1f} s; ours on top of the floor {main - floor:+.1f} s "
+        f"(ratio {main / floor:.2f})")
+    return _write_rows(rows, Path(out_dir) / "bench_startup.json", log)
+
+
+def _startup_floor(run_dir: str) -> None:
+    """`python -m mi_scale.bench startup-floor RUN_DIR`: the floor's command."""
+    from mi_scale import config as config_mod
+    from mi_scale import orchestrate
+
+    path = Path(run_dir)
+    cfg = config_mod.load(None, [f"run.output_dir={path.parent}", f"run.name={path.name}"])
+    orchestrate.run(cfg, empty_loop=True)
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:2] != ["startup-floor"] or len(sys.argv) != 3:
+        sys.exit("usage: python -m mi_scale.bench startup-floor RUN_DIR")
+    _startup_floor(sys.argv[2])

@@ -65,10 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override applied to every trial")
 
     p = sub.add_parser("bench", help="side-by-side measurements (ratios from one run)")
-    p.add_argument("what", choices=["mi-overhead", "peak", "scale", "gpu"],
+    p.add_argument("what", choices=["mi-overhead", "peak", "scale", "gpu", "startup"],
                    help="mi-overhead: step time with MI / without; peak: this CPU's matmul FLOP/s "
                         "(cached for MFU); scale: a GPT ladder at ZeRO-2/3 on 2 ranks (tokens/s, MFU, "
-                        "memory); gpu: bf16 GPT training and estimators on a CUDA GPU")
+                        "memory); gpu: bf16 GPT training and estimators on a CUDA GPU; startup: command to "
+                        "first step, main job vs Ray's floor")
     p.add_argument("--steps", type=int, default=20, help="mi-overhead: timed steps per configuration")
     p.add_argument("--ranks", default="1,2", help="mi-overhead: world sizes to measure, e.g. 1,2")
     p.add_argument("--cases", default=None, help="mi-overhead: comma-separated cases (default: mlp,gpt-5m,main)")
@@ -76,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="scale: comma-separated presets (default: gpt-1m,gpt-5m,gpt-125m,gpt-350m); "
                         "gpu: default gpt-350m,gpt-1.3b")
     p.add_argument("--seconds", type=float, default=2.0, help="peak: seconds of matmuls per row")
+    p.add_argument("--repeats", type=int, default=2, help="startup: runs of each variant (alternated)")
     p.add_argument("--out", default="runs/bench", help="folder for bench.json / bench_scale.json / bench_gpu.json")
 
     p = sub.add_parser("mi-check", help="every estimator on tasks with known MI: table + plot")
@@ -137,6 +139,8 @@ def _dispatch(args) -> int:
             bench.peak(seconds=args.seconds)
         elif args.what == "scale":
             bench.scale(out_dir=args.out, sizes=sizes)
+        elif args.what == "startup":
+            bench.startup(repeats=args.repeats, out_dir=args.out)
         elif args.what == "gpu":
             from mi_scale import gpu_check
             gpu_check.run(out_dir=args.out, sizes=sizes)

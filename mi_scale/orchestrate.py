@@ -132,6 +132,21 @@ def _train_loop(loop_config: dict) -> None:
             capture.close()
 
 
+def _empty_loop(loop_config: dict) -> None:
+    """Ray's start-up floor (`mi-scale bench startup`): the same workers,
+    reaching their first step with nothing of ours done: torch's process
+    group joined, no data, model, engine or tracking."""
+    import ray.train
+    import torch.distributed as dist
+
+    console.set_sink(loop_config["queue"])
+    if ray.train.get_context().get_world_rank() == 0:
+        console.phase("worker group ready")
+    dist.barrier()
+    if ray.train.get_context().get_world_rank() == 0:
+        console.phase("first step", detail="empty loop")
+
+
 def _train_on_worker(cfg: Config, loop_config: dict, rank: int) -> None:
     import ray.train
 
@@ -223,7 +238,9 @@ def _describe(exc: BaseException) -> str:
     return f"failed: {type(cause).__name__}: {text[0] if text else ''}"
 
 
-def run(cfg: Config, resume: bool = False, verbose: bool = False) -> dict:
+def run(cfg: Config, resume: bool = False, verbose: bool = False, empty_loop: bool = False) -> dict:
+    """Train cfg on Ray; returns the run's summary. empty_loop: the workers
+    only join the process group (Ray's start-up floor, for the bench)."""
     import sys
     import uuid
 
@@ -251,7 +268,7 @@ def run(cfg: Config, resume: bool = False, verbose: bool = False) -> dict:
                   "detail": "embedded local cluster" if not c.address else c.address})
     try:
         trainer = TorchTrainer(
-            _train_loop,
+            _empty_loop if empty_loop else _train_loop,
             train_loop_config={"cfg": cfg.to_dict(), "resume": resume, "verbose": verbose, "queue": queue,
                                "run_token": uuid.uuid4().hex[:12]},
             scaling_config=ScalingConfig(num_workers=c.num_workers, use_gpu=c.use_gpu,
@@ -286,7 +303,7 @@ def run(cfg: Config, resume: bool = False, verbose: bool = False) -> dict:
         if started:
             ray.shutdown()
     _print_phases(relay.phases)
-    return _summary_from_run_dir(run_dir)
+    return {} if empty_loop else _summary_from_run_dir(run_dir)
 
 
 def _workers_unavailable(cfg: Config, cause: BaseException):

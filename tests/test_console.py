@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from mi_scale import console
+from mi_scale import bench, console
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -52,10 +52,35 @@ def test_main_job_console_is_ours_only(tmp_path):
     for phase in ("ray ready", "resources requested", "worker group started", "workers set up", "first step"):
         assert sum(line.startswith(f"[mi-scale] {phase} ") for line in lines) == 1, phase
     assert sum(line.startswith("[mi-scale] start-up: ") for line in lines) == 1
+    # `mi-scale bench startup` reads that line: the phases add up to the total
+    startup = bench._parse_startup(r.stdout)
+    assert list(startup["phases_s"]) == ["ray ready", "resources requested", "worker group started",
+                                         "worker group ready", "workers set up", "first step"]
+    assert sum(startup["phases_s"].values()) == pytest.approx(startup["first_step_s"], abs=0.35)
+    setup = next(line for line in lines if line.startswith("[mi-scale] workers set up "))
+    assert re.search(r"\(\d+\.\d s: process group [\d.]+, data [\d.]+, model [\d.]+, engine [\d.]+, "
+                     r"checkpoint and tracking [\d.]+, peak FLOP/s [\d.]+\)$", setup), setup
     # The library output went to the run's log files instead.
     logs = tmp_path / "mnist1d-mlp" / "logs"
     assert sorted(p.name for p in logs.glob("*.log")) == ["driver.log", "rank-0.log", "rank-1.log"]
     assert "Reporting training result" in (logs / "rank-0.log").read_text()  # Ray Train's own line
+
+
+def test_ray_floor_command_reaches_its_first_step_without_our_work(tmp_path):
+    """The floor `mi-scale bench startup` compares against: the same Ray
+    start and worker group, workers that only join the process group."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "RAY_ADDRESS"):
+        env.pop(k, None)
+    r = subprocess.run([sys.executable, "-m", "mi_scale.bench", "startup-floor", str(tmp_path / "floor")],
+                       capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    startup = bench._parse_startup(r.stdout)
+    assert list(startup["phases_s"]) == ["ray ready", "resources requested", "worker group started",
+                                         "worker group ready", "first step"]
+    assert "[mi-scale] first step" in r.stdout and "(empty loop)" in r.stdout
+    assert not (tmp_path / "floor" / "metrics.jsonl").exists()  # no training happened
+    assert not (tmp_path / "floor" / "checkpoints").exists()
 
 
 def test_relay_merges_failure_and_resume_into_one_line(capsys):
