@@ -132,7 +132,7 @@ def _cfg(*extra):
     return config_mod.load(None, ["model.kind=gpt", "model.preset=gpt-1m", "data.name=text", "data.seq_len=16",
                                   "data.batch_size=4", "mi.sketch_dim=4", "mi.tokens_per_sample=3",
                                   "mi.weight=0.5", "train.grad_clip=0", "train.warmup_steps=0",
-                                  "tracking.wandb=disabled", *extra])
+                                  "train.eval_batches=2", "tracking.wandb=disabled", *extra])
 
 
 def _global_batch(n):
