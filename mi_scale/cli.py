@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("grid", nargs="+", help="grid YAML(s) with base, seeds, arms (and cells); several share one queue")
     p.add_argument("--address", default=None, help="existing Ray cluster (default: embedded local Ray)")
     p.add_argument("--output-dir", default="runs/sweep", help="where the trial run dirs go")
+    p.add_argument("--verbose", action="store_true",
+                   help="also show Ray's own output (default: only the sweep's lines; each trial's in its train.log)")
     p.add_argument("--parallel", type=int, default=None, help="trials at once (default: CPU count)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override applied to every trial")
@@ -160,7 +162,7 @@ def _dispatch(args) -> int:
     if args.command == "sweep":
         from mi_scale import sweep
         return sweep.run_grid(args.grid, output_dir=args.output_dir, address=args.address,
-                              parallel=args.parallel, overrides=args.overrides)
+                              parallel=args.parallel, overrides=args.overrides, verbose=args.verbose)
     raise AssertionError(args.command)
 
 

@@ -52,7 +52,7 @@ def _trial(overrides: list[str], run_dir: str) -> tuple[int, float, float]:
 
 
 def run_grid(grid: str | list[str], output_dir: str = "runs/sweep", address: str | None = None,
-             parallel: int | None = None, overrides: list[str] | None = None) -> int:
+             parallel: int | None = None, overrides: list[str] | None = None, verbose: bool = False) -> int:
     """Run every trial of one grid or several (their trials share one queue,
     in the order given; run names must not repeat across grids)."""
     import sys
@@ -79,14 +79,17 @@ def run_grid(grid: str | list[str], output_dir: str = "runs/sweep", address: str
 
     if todo:
         cpus = os.cpu_count() or 1
+        # trials write their own train.log; nothing of theirs or Ray's belongs on
+        # the console unless --verbose (as orchestrate.start_ray)
+        quiet = {"logging_level": "WARNING", "log_to_driver": verbose,
+                 "logging_config": ray.LoggingConfig(log_level="INFO" if verbose else "WARNING")}
         if address:
-            ray.init(address=address, logging_level="WARNING")
+            ray.init(address=address, **quiet)
         else:
             if parallel is not None and parallel < 1:
                 raise ConfigError(f"--parallel: invalid value {parallel}: use at least 1")
-            # trials write their own train.log; nothing of theirs belongs on the console
-            ray.init(num_cpus=min(parallel or cpus, cpus), include_dashboard=False, logging_level="WARNING",
-                     log_to_driver=False, _temp_dir=f"/tmp/ray-mi-sweep-{os.getpid()}")
+            ray.init(num_cpus=min(parallel or cpus, cpus), include_dashboard=False,
+                     _temp_dir=f"/tmp/ray-mi-sweep-{os.getpid()}", **quiet)
         task = ray.remote(num_cpus=1)(_trial)
         t0 = time.perf_counter()
         pending = {task.remote(ov, str(run_dir)): (name, run_dir) for name, ov, run_dir, _ in todo}

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -70,6 +71,10 @@ def test_sweep_micro_grid_through_ray_and_report_numbers(tmp_path):
     out = tmp_path / "sweep"
     r = run_cli("sweep", str(REPO / "configs/paper/micro.yaml"), "--output-dir", str(out))
     assert r.returncode == 0, r.stderr[-3000:]
+    # the console is the sweep's own lines: header, one per trial, totals, report
+    ours = (r"\[mi-scale\] .+", r"\[\d+/4\] [\w.-]+: ok in \d+ s \(cpu \d+ s\) \| ETA \d+ s", r"wrote .+report\.md")
+    assert [line for line in (r.stdout + r.stderr).splitlines()
+            if not any(re.fullmatch(p, line) for p in ours)] == []
     runs = sorted(p.name for p in out.iterdir() if p.is_dir() and p.name != "report")
     assert runs == ["baseline-s0", "baseline-s1", "gauss-w0.1-s0", "gauss-w0.1-s1"]
     report = out / "report"
