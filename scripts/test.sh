@@ -10,8 +10,10 @@ export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 .venv/bin/python - <<'PY'
 import time
 from deepspeed.ops.op_builder import AsyncIOBuilder
+from mi_scale.train.engine import warn_if_stale_build_lock
 builder, t = AsyncIOBuilder(), time.time()
 if builder.is_compatible(verbose=False):
+    warn_if_stale_build_lock(builder.name)
     builder.load(verbose=False)
     print(f"[test] DeepSpeed async I/O op ready in {time.time() - t:.0f} s (built once per machine, then cached)")
 PY

@@ -280,6 +280,25 @@ def test_nvme_offload_without_libaio_is_a_clear_error(tmp_path, monkeypatch):
                             "does as root) or offload to 'cpu'")
 
 
+def test_stale_op_build_lock_is_named_fresh_one_is_not(tmp_path, monkeypatch, capsys):
+    """torch's JIT build waits forever on a lock a killed build left behind."""
+    import os
+
+    from mi_scale.train.engine import warn_if_stale_build_lock
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    lock = tmp_path / "async_io" / "lock"
+    lock.parent.mkdir()
+    lock.touch()
+    warn_if_stale_build_lock("async_io")  # a build may be running right now: no warning
+    assert capsys.readouterr().out == ""
+    os.utime(lock, (lock.stat().st_atime, lock.stat().st_mtime - 3600))
+    warn_if_stale_build_lock("async_io")
+    assert capsys.readouterr().out == (
+        f"[mi-scale] warning: {lock} is 60 min old and DeepSpeed's async_io op build waits on it; if no build "
+        f"is running, a build killed midway left it: delete it\n")
+
+
 def _zero3_checkpointed_run(rank, world, cfg_dict):
     from mi_scale.train.worker import run_worker
     cfg = config_mod.from_dict(cfg_dict)

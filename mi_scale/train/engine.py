@@ -68,6 +68,27 @@ def check_nvme_offload(cfg: Config) -> None:
         raise UserError(f"{field}: invalid value 'nvme': DeepSpeed's async I/O op needs libaio, which is not "
                         f"installed; install it (apt-get install libaio-dev; `make setup` does as root) or "
                         f"offload to 'cpu'")
+    warn_if_stale_build_lock(AsyncIOBuilder().name)
+
+
+def warn_if_stale_build_lock(op_name: str, stale_after_s: float = 900) -> None:
+    """torch's JIT build waits, silently and forever, while its build dir holds
+    a `lock` file; a build killed midway leaves one behind. A build takes a few
+    minutes here, so a lock older than stale_after_s is almost surely stale."""
+    import time
+
+    from torch.utils import cpp_extension
+
+    from mi_scale import console
+
+    lock = Path(cpp_extension._get_build_directory(op_name, False)) / "lock"  # torch's own path rule
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if age > stale_after_s:
+        console.say(f"[mi-scale] warning: {lock} is {age / 60:.0f} min old and DeepSpeed's {op_name} op build "
+                    f"waits on it; if no build is running, a build killed midway left it: delete it")
 
 
 def deepspeed_config(cfg: Config, world_size: int, shape: ModelShape | None = None,
