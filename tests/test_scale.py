@@ -75,7 +75,8 @@ def _partitioned_equals_full(rank, world):
     import deepspeed
 
     from mi_scale.models import DeepMLP
-    deepspeed.init_distributed(dist_backend="gloo")
+    from mi_scale.train.dist_env import init_process_group
+    init_process_group()  # DeepSpeed's comm layer over the group, as every worker sets it up
     out = {}
     for name, make in {"gpt": lambda: build_gpt("gpt-1m", vocab_size=64, seq_len=16),
                        "mlp": lambda: DeepMLP(12, 5, depth=3, width=24)}.items():
@@ -104,9 +105,8 @@ def test_partitioned_build_equals_full_build_for_the_same_seed():
 def _build_gpt125m_partitioned(rank, world):
     import deepspeed
 
-    from mi_scale.train.memory import return_freed_memory_to_os
-    return_freed_memory_to_os()  # as every worker does (train/dist_env.py)
-    deepspeed.init_distributed(dist_backend="gloo")
+    from mi_scale.train.dist_env import init_process_group
+    init_process_group()  # as every worker does, freed memory returned to the OS included
     shape = ModelShape.of(build_gpt("gpt-125m", device="meta"))
     conf = _ds_conf(3, shape, world)
     torch.manual_seed(0)
