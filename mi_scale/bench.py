@@ -376,10 +376,6 @@ def scale(out_dir: str = "runs/bench", sizes: list[str] | None = None, stages: t
 
 # -- bench startup -----------------------------------------------------------------
 
-STARTUP_PHASES = ["ray ready", "resources requested", "worker group started", "worker group ready",
-                  "workers set up", "first step"]
-
-
 def _startup_command(variant: str, run_dir: Path, steps: int) -> list[str]:
     import sys
 

@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "gpu: default gpt-350m,gpt-1.3b")
     p.add_argument("--seconds", type=float, default=2.0, help="peak: seconds of matmuls per row")
     p.add_argument("--repeats", type=int, default=2, help="startup: runs of each variant (alternated)")
-    p.add_argument("--out", default="runs/bench", help="folder for bench.json / bench_scale.json / bench_gpu.json")
+    p.add_argument("--out", default="runs/bench", help="folder for bench.json / bench_scale.json / bench_gpu.json / bench_startup.json")
 
     p = sub.add_parser("mi-check", help="every estimator on tasks with known MI: table + plot")
     p.add_argument("--out", default="runs/mi-check", help="folder for mi_check.json and mi_check.png")
