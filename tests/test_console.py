@@ -32,11 +32,17 @@ OURS = [
 ALLOWED: list[str] = []
 
 
-def test_main_job_console_is_ours_only(tmp_path):
-    steps = 20
+def _command_env() -> dict:
+    """A user's shell: no launcher variables, no Ray address, wandb offline."""
     env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "RAY_ADDRESS"):
         env.pop(k, None)
+    return env
+
+
+def test_main_job_console_is_ours_only(tmp_path):
+    steps = 20
+    env = _command_env()
     r = subprocess.run([sys.executable, "-m", "mi_scale.cli", "train", "configs/mnist1d-mlp.yaml",
                         "--set", f"run.output_dir={tmp_path}", "--set", f"train.steps={steps}",
                         "--set", "train.log_every=5", "--set", "train.eval_every=10",
@@ -69,9 +75,7 @@ def test_main_job_console_is_ours_only(tmp_path):
 def test_ray_floor_command_reaches_its_first_step_without_our_work(tmp_path):
     """The floor `mi-scale bench startup` compares against: the same Ray
     start and worker group, workers that only join the process group."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "RAY_ADDRESS"):
-        env.pop(k, None)
+    env = _command_env()
     r = subprocess.run([sys.executable, "-m", "mi_scale.bench", "startup-floor", str(tmp_path / "floor")],
                        capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]

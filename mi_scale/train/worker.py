@@ -130,9 +130,15 @@ def run_worker(cfg: Config, resume: bool = False, on_checkpoint=None) -> dict:
     from mi_scale.data import ShardedBatches, build_data
     from mi_scale.train.engine import build_engine, check_nvme_offload
 
-    t_setup = time.perf_counter()
-    marks = []  # (what, seconds since t_setup): the breakdown of the phase line
-    mark = lambda what: marks.append((what, time.perf_counter() - t_setup))
+    t_setup = t_mark = time.perf_counter()
+    parts: list[str] = []  # "what seconds": the breakdown of the `workers set up` line
+
+    def mark(what: str) -> None:
+        nonlocal t_mark
+        now = time.perf_counter()
+        parts.append(f"{what} {now - t_mark:.1f}")
+        t_mark = now
+
     check_nvme_offload(cfg)
     rank, world = init_process_group()
     mark("process group")
@@ -201,8 +207,7 @@ def run_worker(cfg: Config, resume: bool = False, on_checkpoint=None) -> dict:
                     "to log mfu")
     mark("peak FLOP/s")
     if rank == 0:
-        steps = [f"{what} {at - before:.1f}" for (what, at), before in zip(marks, [0.0] + [a for _, a in marks])]
-        console.phase("workers set up", detail=f"{marks[-1][1]:.1f} s: " + ", ".join(steps))
+        console.phase("workers set up", detail=f"{t_mark - t_setup:.1f} s: " + ", ".join(parts))
     last_eval: dict = {}
     try:
         for step in range(start_step, t.steps):
