@@ -15,7 +15,8 @@ from mi_scale.config import Config, ConfigError
 
 # Settings that may change when a run resumes; everything else must match.
 RESUMABLE = ("train.steps", "train.eval_every", "train.log_every", "train.checkpoint_every",
-             "train.keep_last", "train.eval_batches", "tracking.", "cluster.", "fault.", "mi.log_every")
+             "train.keep_last", "train.eval_batches", "tracking.", "cluster.", "fault.", "mi.log_every",
+             "data.prepared_dir", "data.num_proc")
 
 
 def launch(cfg: Config, launcher: str = "ray", address: str | None = None, resume: bool = False,
