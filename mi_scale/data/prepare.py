@@ -164,6 +164,22 @@ def find_prepared(cfg) -> Prepared | None:
 # building
 
 
+def prepare_for_run(cfg, say) -> None:
+    """Before the ranks start: prepare language-model text here, with progress on
+    the console, so that every rank only opens it. Classification sources are
+    left to the ranks (small, in memory)."""
+    if cfg.name == "text" or (cfg.name in ("files", "hub") and find_prepared(cfg) is None
+                              and _is_text_source(cfg)):
+        ensure_prepared(cfg, say=say)
+
+
+def _is_text_source(cfg) -> bool:
+    raw = sources.local_files(cfg.path, cfg.format)[0] if cfg.name == "files" else load_hub(cfg.path)
+    columns = raw["train"].column_names if "train" in raw else []
+    return _text_field(cfg, sources.resolve_files(cfg.path, cfg.format)[1] if cfg.name == "files"
+                       else None) in columns
+
+
 def run_cli(cfg, num_proc: int | None, train_tokenizer: int | None) -> Prepared:
     """`mi-scale prepare`: build (or find) the prepared data and say how to use it."""
     if num_proc is not None and num_proc < 1:

@@ -50,6 +50,12 @@ class TokenWindows:
         return self.take(torch.arange(self.num_samples)[key])
 
 
+def batch_bytes(batch: int, seq_len: int, itemsize: int) -> int:
+    """Memory of one batch from `TokenWindows.take`: the gathered windows, their
+    int64 copy, and contiguous x and y."""
+    return batch * (seq_len + 1) * (itemsize + 8) + 2 * batch * seq_len * 8
+
+
 class TensorColumns:
     """Equal-length columns held in memory (the small classification sources)."""
 
