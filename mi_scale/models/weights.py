@@ -8,9 +8,11 @@ one tensor at a time.
         src.release()                # closes the file
 
 Formats: model.safetensors.index.json + shards, a single model.safetensors,
-pytorch_model.bin.index.json + shards or a single pytorch_model.bin. .bin
-files load weights-only and memory-mapped: a pickle that would run code is
-refused, and a tensor costs its own bytes.
+pytorch_model.bin.index.json + shards or a single pytorch_model.bin.
+safetensors tensors are read with plain file reads at the offsets of the
+file's header (a memory map would keep every page read so far resident
+until the file is closed). .bin files load weights-only and memory-mapped:
+a pickle that would run code is refused.
 """
 
 from __future__ import annotations
@@ -42,8 +44,7 @@ class HFWeights:
             path = self.root / file
             try:
                 if self.fmt == "safetensors":
-                    from safetensors import safe_open
-                    self._open[file] = safe_open(str(path), framework="pt", device="cpu")
+                    self._open[file] = _SafetensorsFile(path)
                 else:
                     self._open[file] = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
             except Exception as e:  # noqa: BLE001 - safetensors' own error type, a refused pickle, a bad zip
@@ -54,10 +55,52 @@ class HFWeights:
 
     def read(self, file: str, name: str) -> torch.Tensor:
         h = self._handle(file)
-        return h.get_tensor(name) if self.fmt == "safetensors" else h[name]
+        return h.read(name) if self.fmt == "safetensors" else h[name]
 
     def release(self) -> None:
+        for h in self._open.values():
+            if isinstance(h, _SafetensorsFile):
+                h.close()
         self._open.clear()
+
+
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
+class _SafetensorsFile:
+    """The safetensors layout: 8 bytes of header length (little-endian), a JSON
+    header {name: {dtype, shape, data_offsets}}, then the data."""
+
+    def __init__(self, path: Path):
+        self.f = open(path, "rb")
+        n = int.from_bytes(self.f.read(8), "little")
+        self.header = json.loads(self.f.read(n))
+        self.header.pop("__metadata__", None)
+        self.base = 8 + n
+        size = path.stat().st_size
+        for name, h in self.header.items():
+            if h["dtype"] not in _ST_DTYPES or self.base + h["data_offsets"][1] > size:
+                raise ValueError(f"tensor {name}: dtype {h['dtype']} or its bytes beyond the end of the file")
+
+    def keys(self) -> list[str]:
+        return list(self.header)
+
+    def shape(self, name: str) -> torch.Size:
+        return torch.Size(self.header[name]["shape"])
+
+    def read(self, name: str) -> torch.Tensor:
+        h = self.header[name]
+        start, end = h["data_offsets"]
+        buf = torch.empty(end - start, dtype=torch.uint8)
+        self.f.seek(self.base + start)
+        if self.f.readinto(buf.numpy()) != end - start:
+            raise ValueError(f"{self.f.name}: tensor {name} is cut short")
+        return buf.view(_ST_DTYPES[h["dtype"]]).reshape(h["shape"])
+
+    def close(self) -> None:
+        self.f.close()
 
 
 def open_hf_dir(path: str | Path) -> HFWeights | None:
@@ -84,8 +127,8 @@ def open_hf_dir(path: str | Path) -> HFWeights | None:
                               f"copy it there or save the model again")
             h = src._handle(f)
             if fmt == "safetensors":
-                listed = list(h.keys())
-                src.shapes.update({n: torch.Size(h.get_slice(n).get_shape()) for n in listed})
+                listed = h.keys()
+                src.shapes.update({n: h.shape(n) for n in listed})
             else:
                 listed = list(h.keys())
                 src.shapes.update({n: h[n].shape for n in listed})

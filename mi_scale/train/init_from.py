@@ -99,10 +99,11 @@ def _full_shape(t: torch.Tensor) -> torch.Size:
 
 
 def _mapper(kind: str, source, model: nn.Module):
-    """source name -> (target name, transpose), or None for a tensor that is
-    not a weight of this model but known to be harmless (ignored)."""
+    """(source name -> (target name, transpose), is_ignorable(source name)): an
+    ignorable name is not a weight of this model but known to be harmless
+    (buffers of older checkpoints; the objective's non-model parts)."""
     if isinstance(source, _RunDirSource):  # our own names, behind the objective's "model."
-        return lambda n: (n[len("model."):], False) if n.startswith("model.") else None
+        return (lambda n: (n[len("model."):], False)), (lambda n: not n.startswith("model."))
     if kind == "gpt":
         from mi_scale.models.gpt2_format import GPT2_IGNORED, from_gpt2_name
 
@@ -111,31 +112,26 @@ def _mapper(kind: str, source, model: nn.Module):
         if hf_cfg.get("tie_word_embeddings", True) is False:
             raise invalid(FIELD, str(source.root), "its GPT-2 has an untied lm_head; the built-in GPT ties the "
                                                    "head to the token embedding: use model.kind=hf for it")
-
-        def gpt(n: str):
-            if GPT2_IGNORED.search(n) or n == "lm_head.weight":  # causal-mask buffers; the tied head
-                return None
-            return from_gpt2_name(n) or from_gpt2_name("transformer." + n) or (n, False)
-        return gpt
+        # causal-mask buffers of older GPT-2 files; the tied head (the embedding again)
+        return (lambda n: from_gpt2_name(n) or from_gpt2_name("transformer." + n) or (n, False)), \
+            (lambda n: bool(GPT2_IGNORED.search(n)) or n == "lm_head.weight")
     hf_model = getattr(model, "hf_model", model)
     ignore = [re.compile(p) for p in (getattr(hf_model, "_keys_to_ignore_on_load_unexpected", None) or [])]
-    return lambda n: None if any(p.search(n) for p in ignore) else (n, False)
+    return (lambda n: (n, False)), (lambda n: any(p.search(n) for p in ignore))
 
 
 def plan(kind: str, source, model: nn.Module, path: str) -> list[Planned]:
     """What goes where; one error listing every missing, unexpected and
     shape-mismatched tensor."""
     index, entries = _targets(model)
-    to_target = _mapper(kind, source, model)
+    to_target, ignorable = _mapper(kind, source, model)
     planned, filled, unexpected, mismatched = [], set(), [], []
     for file in source.files:
         for name in source.names[file]:
-            mapped = to_target(name)
-            if mapped is None:
-                continue
-            target, transpose = mapped
+            target, transpose = to_target(name)
             if target not in index:
-                unexpected.append(name)
+                if not ignorable(name):
+                    unexpected.append(name)
                 continue
             i = index[target]
             if i in filled:  # a second name of a tied weight
