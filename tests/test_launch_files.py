@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import stat
@@ -411,7 +412,7 @@ def test_slurm_shares_one_token_with_every_step(tmp_path, stubs):
     assert len(auth) == 4  # head, workers, the driver, ray stop
     assert len(set(auth)) == 1
     mode, token = auth[0].split()
-    assert mode == "token" and len(token) == 64 and int(token, 16) >= 0
+    assert mode == "token" and re.fullmatch(r"[0-9a-f]{64}", token), token
     r = _run_slurm(tmp_path, env, "my-run.yaml", RAY_AUTH_TOKEN="given-token")
     assert _lines(log / "auth")[-1] == "token given-token"
 
