@@ -1,4 +1,4 @@
-"""`mi-scale` command line: train | resume | report | bench | sweep | plan | mi-check.
+"""`mi-scale` command line: train | resume | export | report | bench | sweep | plan | mi-check.
 
 Every user error (bad config, missing file, bad checkpoint) prints one
 `error: ...` line naming the field, value and fix, and exits with status 2
@@ -97,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--measure", action="store_true",
                    help="also run the config here (CPU ranks under torchrun) and compare the measured peak")
+    p = sub.add_parser("export", help="a run's checkpoint as a Hugging Face model dir (safetensors)")
+    p.add_argument("run_dir", help="runs/<name>: holds config.yaml and checkpoints/")
+    p.add_argument("--out", required=True, help="new directory to write (never overwritten)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="tensor dtype (default fp32)")
+    p.add_argument("--max-shard-size", default="2GB", help="largest safetensors file (default 2GB)")
     return parser
 
 
@@ -149,6 +155,10 @@ def _dispatch(args) -> int:
         else:
             bench.mi_overhead(steps=args.steps, ranks=[int(r) for r in args.ranks.split(",")], out_dir=args.out,
                               cases=args.cases.split(",") if args.cases else None)
+        return 0
+    if args.command == "export":
+        from mi_scale import export
+        export.export(args.run_dir, args.out, step=args.step, dtype=args.dtype, max_shard_size=args.max_shard_size)
         return 0
     if args.command == "train":
         cfg = config.load(args.config, args.overrides)  # validate before importing heavy deps

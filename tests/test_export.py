@@ -1,0 +1,134 @@
+"""`mi-scale export`: a ZeRO-3, 2-rank, MI-on run of the built-in GPT out as
+GPT-2 safetensors that transformers loads, with the same logits as the
+training model (loaded back by DeepSpeed itself); refusals for incomplete or
+corrupt checkpoints leave --out untouched."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from distributed_helpers import run_world
+from mi_scale import cli
+from mi_scale import config as config_mod
+
+pytestmark = pytest.mark.slow
+
+
+def _cfg(tmp, *extra):
+    return config_mod.load(None, [
+        "model.kind=gpt", "model.preset=gpt-1m", "data.name=text", "data.seq_len=16", "data.batch_size=4",
+        "mi.sketch_dim=4", "mi.tokens_per_sample=3", "mi.weight=0.5", "train.steps=3", "train.eval_batches=2",
+        "train.eval_every=3", "train.checkpoint_every=3", "tracking.wandb=disabled", "deepspeed.zero_stage=3",
+        f"run.output_dir={tmp}", "run.name=gpt-z3", *extra])
+
+
+def _batch():
+    g = torch.Generator().manual_seed(7)
+    return torch.randint(0, 256, (3, 16), generator=g)
+
+
+def _train_then_reload(rank, world, cfg_dict):
+    """Train, then load the checkpoint back into a fresh engine with
+    DeepSpeed's own loader and return the model's logits on a fixed batch."""
+    from mi_scale.data import build_data
+    from mi_scale.train import checkpoint
+    from mi_scale.train.engine import build_engine
+    from mi_scale.train.worker import build_objective, run_worker, seed_everything
+
+    cfg = config_mod.from_dict(cfg_dict)
+    summary = run_worker(cfg)
+    seed_everything(cfg.run.seed + 1)  # other weights than the checkpoint's until it loads
+    objective, conf = build_objective(cfg, build_data(cfg.data, cfg.run.seed), world)
+    engine = build_engine(cfg, objective, conf)
+    meta, _ = checkpoint.load_latest(engine, cfg.run_dir(), world, cfg.training_keys())
+    engine.module.eval()
+    with torch.no_grad():
+        logits = engine.module.model(_batch())
+    return {"summary": summary, "step": meta["step"], "logits": logits}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("export")
+    cfg = _cfg(tmp)
+    res = run_world(2, _train_then_reload, cfg.to_dict())[0]
+    assert res["step"] == 3
+    return cfg.run_dir(), res
+
+
+def _export(run_dir, out, *extra, capsys=None):
+    code = cli.main(["export", str(run_dir), "--out", str(out), *extra])
+    return code, (capsys.readouterr() if capsys else None)
+
+
+def test_export_loads_in_transformers_with_the_training_logits(trained, tmp_path, capsys):
+    import transformers
+
+    run_dir, res = trained
+    out = tmp_path / "gpt2"
+    code, cap = _export(run_dir, out, "--max-shard-size", "1MB", capsys=capsys)
+    assert code == 0, cap.err
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) == 4 and files[-1] == "model-00004-of-00004.safetensors"  # 3.3 MB in 1 MB shards
+    assert "lm_head.weight" not in index["weight_map"]  # the tied head is written once
+    assert len(index["weight_map"]) == 4 * 12 + 4
+    assert index["metadata"]["total_size"] == sum((out / f).stat().st_size for f in files) - sum(
+        8 + int.from_bytes((out / f).read_bytes()[:8], "little") for f in files)  # bytes minus headers
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert type(model).__name__ == "GPT2LMHeadModel"
+    assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
+    with torch.no_grad():
+        logits = model(_batch()).logits
+    torch.testing.assert_close(logits, res["logits"], rtol=0, atol=1e-5)
+    manifest = json.loads((out / "mi_scale_export.json").read_text())
+    assert (manifest["step"], manifest["world_size"], manifest["zero_stage"], manifest["tokenizer"]) == (3, 2, 3, "byte")
+    assert not list(tmp_path.glob(".partial-*"))
+
+    # bf16: half the bytes; logits within 2% of their range (bf16 keeps 8 bits of mantissa)
+    code, cap = _export(run_dir, tmp_path / "bf16", "--dtype", "bf16", capsys=capsys)
+    assert code == 0, cap.err
+    model16 = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype=torch.float32)
+    with torch.no_grad():
+        err = (model16(_batch()).logits - res["logits"]).abs().max()
+    assert 0 < err < 0.02 * res["logits"].abs().max()
+
+
+def test_missing_rank_file_is_one_error_line_and_out_untouched(trained, tmp_path, capsys):
+    run_dir, _ = trained
+    broken = tmp_path / "broken"
+    shutil.copytree(run_dir, broken)
+    ckpt = broken / "checkpoints" / "step-00000003"
+    (ckpt / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
+    out = tmp_path / "out"
+    code, cap = _export(broken, out, capsys=capsys)
+    assert code == 2
+    assert cap.err.strip().splitlines() == [
+        f"error: checkpoint file {ckpt / 'zero_pp_rank_1_mp_rank_00_optim_states.pt'} is missing (1 of the files "
+        f"that 2 ranks wrote at ZeRO-3 are): the checkpoint is incomplete; export another step (--step) or copy "
+        f"the missing files from the host that wrote them"]
+    assert not out.exists() and not list(tmp_path.glob(".partial-*"))
+
+
+def test_corrupt_file_is_one_error_line_and_out_untouched(trained, tmp_path, capsys):
+    run_dir, _ = trained
+    broken = tmp_path / "broken"
+    shutil.copytree(run_dir, broken)
+    bad = broken / "checkpoints" / "step-00000003" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    bad.write_bytes(bad.read_bytes()[:-100])  # truncated: the zip directory at the end is gone
+    out = tmp_path / "out"
+    code, cap = _export(broken, out, capsys=capsys)
+    assert code == 2
+    lines = cap.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: checkpoint file {bad} is corrupt or unreadable (")
+    assert lines[0].endswith("): export another step (--step), or restore the file")
+    assert not out.exists() and not list(tmp_path.glob(".partial-*"))
+    # an existing, non-empty --out is never overwritten
+    out.mkdir()
+    (out / "keep").write_text("x")
+    code, cap = _export(run_dir, out, capsys=capsys)
+    assert code == 2 and (out / "keep").read_text() == "x" and "export never overwrites" in cap.err
