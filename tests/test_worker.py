@@ -228,6 +228,24 @@ def test_bad_inputs_fail_before_training(tmp_path, case, expected):
     assert not list(tmp_path.rglob("checkpoints/step-*"))
 
 
+def test_gaussian_needs_more_rows_than_joint_sketch_dims(tmp_path):
+    """2*sketch_dim+1 = 9 rows (batch 9 x 1 token) is refused at the first step,
+    naming the three fields that fix it; 10 rows train."""
+    from mi_scale.train.worker import run_worker
+
+    cfg = tiny(tmp_path, "data.batch_size=9", "mi.sketch_dim=4", "train.steps=2", "train.checkpoint_every=1")
+    config_mod.save(cfg, tmp_path / "c.yaml")
+    r = cli("train", str(tmp_path / "c.yaml"), "--launcher", "local")
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines() == [
+        "error: mi.sketch_dim=4: the gaussian estimator needs more than 2*sketch_dim+1=9 sketched rows per step, "
+        "got 9 (global batch x tokens per sample); lower mi.sketch_dim or raise data.batch_size or "
+        "mi.tokens_per_sample"]
+    assert not list(cfg.run_dir().rglob("step-*"))  # stopped before any step or checkpoint
+    ok = tiny(tmp_path, "data.batch_size=10", "mi.sketch_dim=4", "train.steps=1", name="ok")
+    assert run_worker(ok)["steps"] == 1 and len([k for k in metrics(ok.run_dir())[0] if k.startswith("mi/")]) == 3
+
+
 def test_checkpoint_from_another_config_is_refused(tmp_path):
     from mi_scale.train.worker import run_worker
 
