@@ -199,14 +199,32 @@ def _zero_run(rank, world, cfg_dict):
     return summary, metrics(cfg.run_dir()) if rank == 0 else None
 
 
+ZERO_COMMON = ("train.steps=30", "train.lr=0.01", "mi.sketch=learned", "train.checkpoint_every=30")
+
+
+@pytest.fixture(scope="module")
+def one_rank_zero0_reference(tmp_path_factory):
+    """The 2-rank runs' reference: 1 rank, ZeRO-0, the same global batch of 32."""
+    from mi_scale.train.worker import run_worker
+
+    cfg = tiny(tmp_path_factory.mktemp("zero0"), "deepspeed.zero_stage=0", "data.batch_size=32", *ZERO_COMMON)
+    run_worker(cfg)
+    return metrics(cfg.run_dir())
+
+
 @pytest.mark.parametrize("stage", [2, 3])
-def test_zero_stages_two_ranks_learn_and_agree_on_mi(tmp_path, stage):
-    cfg = tiny(tmp_path, f"deepspeed.zero_stage={stage}", "train.steps=30", "train.lr=0.01",
-               "mi.sketch=learned", "train.checkpoint_every=30")
+def test_zero_stages_two_ranks_learn_and_agree_on_mi(tmp_path, stage, one_rank_zero0_reference):
+    cfg = tiny(tmp_path, f"deepspeed.zero_stage={stage}", *ZERO_COMMON)
     res = run_world(2, _zero_run, cfg.to_dict())
     (s0, rows), (s1, _) = res
     mi0 = {k: v for k, v in s0.items() if k.startswith("mi/")}
     assert len(mi0) == 3 and mi0 == {k: v for k, v in s1.items() if k.startswith("mi/")}
+    # every step's loss and MI equal the 1-rank ZeRO-0 run on the same global batch
+    ref = one_rank_zero0_reference
+    assert [r["data_batch"] for r in rows] == [r["data_batch"] for r in ref]
+    for ours, theirs in zip(rows, ref, strict=True):
+        for key in ["loss", "task_loss"] + [k for k in theirs if k.startswith("mi/")]:
+            assert ours[key] == pytest.approx(theirs[key], rel=1e-4), (stage, ours["step"], key)
     first = sum(r["task_loss"] for r in rows[:5]) / 5
     last = sum(r["task_loss"] for r in rows[-5:]) / 5
     assert last < first - 0.1, (first, last)
