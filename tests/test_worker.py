@@ -230,6 +230,39 @@ def test_zero_stages_two_ranks_learn_and_agree_on_mi(tmp_path, stage, one_rank_z
     assert last < first - 0.1, (first, last)
 
 
+def test_grad_accum_on_two_ranks_equals_the_accumulated_batch(tmp_path):
+    """train.grad_accum=2 through DeepSpeed on 2 ranks (micro-batch 8 per rank)
+    takes the same steps as 1 rank on the whole global batch of 32 (weight 0:
+    the MI is measured every step, outside the loss, so the task path is the
+    only one), and its logged MI is the mean over the 2 micro-batches."""
+    from mi_scale.data import ShardedBatches, build_data
+    from mi_scale.train.worker import build_objective, run_worker, seed_everything
+
+    common = ("mi.weight=0", "mi.log_every=1", "train.steps=6", "train.lr=0.01", "train.checkpoint_every=6")
+    cfg = tiny(tmp_path, "data.batch_size=8", "train.grad_accum=2", *common)
+    (_, rows), _ = run_world(2, _zero_run, cfg.to_dict())
+    ref_cfg = tiny(tmp_path, "data.batch_size=32", *common, name="ref")
+    run_worker(ref_cfg)
+    ref = metrics(ref_cfg.run_dir())
+    assert [r["step"] for r in rows] == list(range(1, 7)) and rows[-1]["samples_seen"] == 6 * 32
+    for ours, theirs in zip(rows, ref, strict=True):
+        assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-5), ours["step"]
+    # step 1 runs the initial model: its MI on each micro-batch of 16 global rows, by hand
+    seed_everything(cfg.run.seed)
+    bundle = build_data(cfg.data, cfg.run.seed)
+    objective, _ = build_objective(cfg, bundle, 1)
+    batches = ShardedBatches(bundle.train, 16, 0, 1, cfg.run.seed)  # global batches of 16 = the micro-batches
+    per_micro = []
+    with torch.no_grad():
+        for _ in range(2):
+            b = batches.next_batch()
+            per_micro.append(objective(b["x"], b["y"], 1)[3])
+    assert per_micro[0] != per_micro[1]
+    for pair, value in per_micro[0].items():
+        assert rows[0][f"mi/{pair}"] == pytest.approx((value + per_micro[1][pair]) / 2, rel=1e-5), pair
+    assert rows[0]["mi/blocks.0->blocks.1"] != pytest.approx(ref[0]["mi/blocks.0->blocks.1"], rel=1e-3)
+
+
 @pytest.mark.parametrize("case,expected", [
     (("--set", "model.kind=gpt", "--set", "model.preset=gpt-2m", "--set", "data.name=text"),
      "error: model.preset: invalid value 'gpt-2m': expected one of 'gpt-1m', 'gpt-5m', 'gpt-125m', "
