@@ -194,11 +194,16 @@ def test_mlp_activation_checkpointing_same_grads():
     ckpt = copy.deepcopy(ref)
     ckpt.activation_checkpointing = True
     x_NI, y_N = torch.randn(8, 40), torch.randint(0, 10, (8,))
-    grads = []
+    grads, calls = [], []
     for model in (ref, ckpt):
+        calls.append([])
+        for i, block in enumerate(model.blocks):
+            block.register_forward_pre_hook(lambda m, a, i=i, seen=calls[-1]: seen.append(i))
         torch.manual_seed(3)
         F.cross_entropy(model(x_NI), y_N).backward()
         grads.append([p.grad for p in model.parameters()])
+    assert calls[0] == [0, 1, 2, 3]
+    assert calls[1] == [0, 1, 2, 3, 3, 2, 1, 0]  # the recompute ran in backward, last block first
     for a, b in zip(*grads):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
 
