@@ -224,6 +224,8 @@ class ClusterConfig:
     max_failures: int = 0
     storage_path: Optional[str] = None  # default: <output_dir>; may be s3:// or gs://
     ray_temp_dir: Optional[str] = None  # default: a short dir under /tmp (AF_UNIX path limit)
+    # bind gloo/NCCL to the interface of each node's Ray IP unless *_SOCKET_IFNAME is set (network.py)
+    bind_interface: bool = True
 
     def validate(self, p: str) -> None:
         _check(self.num_workers >= 1, f"{p}.num_workers", self.num_workers, "use num_workers >= 1")
