@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 import sys
@@ -91,11 +92,22 @@ def test_cli_exits_nonzero_with_one_line_error():
     assert r.stderr.strip() == "error: mi.wieght: unknown field (did you mean 'weight'?)"
 
 
-def test_cli_help_lists_subcommands():
+COMMANDS = ["train", "resume", "report", "sweep", "bench", "mi-check", "plan", "export"]
+
+
+def test_cli_help_lists_subcommands(capsys):
     r = subprocess.run([sys.executable, "-m", "mi_scale.cli", "--help"], capture_output=True, text=True)
-    assert r.returncode == 0
-    for cmd in ("train", "resume", "report", "bench", "sweep", "mi-check"):
-        assert cmd in r.stdout
+    assert r.returncode == 0 and r.stdout.startswith("usage: mi-scale [-h] COMMAND ...\n")
+    # argparse's subcommand list: "    NAME   help" lines under "positional arguments"
+    section = r.stdout.split("positional arguments:\n", 1)[1].split("\n\n", 1)[0]
+    listed = [m[1] for m in re.finditer(r"^    (\S+) +\S", section, re.M)]
+    assert listed == COMMANDS
+    from mi_scale import cli
+    for cmd in COMMANDS:  # each has its own help
+        with pytest.raises(SystemExit) as e:
+            cli.build_parser().parse_args([cmd, "--help"])
+        assert e.value.code == 0
+        assert capsys.readouterr().out.startswith(f"usage: mi-scale {cmd} ")
 
 
 def test_shipped_configs_validate():
