@@ -1,4 +1,4 @@
-"""`mi-scale` command line: train | resume | export | report | bench | sweep | plan | mi-check.
+"""`mi-scale` command line: train | resume | export | generate | eval | report | bench | sweep | plan | mi-check.
 
 Every user error (bad config, missing file, bad checkpoint) prints one
 `error: ...` line naming the field, value and fix, and exits with status 2
@@ -103,6 +103,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="tensor dtype (default fp32)")
     p.add_argument("--max-shard-size", default="2GB", help="largest safetensors file (default 2GB)")
+    p = sub.add_parser("generate", help="sample text from an LM run or an exported dir")
+    p.add_argument("path", metavar="RUN_DIR|DIR", help="a run dir (newest checkpoint) or a `mi-scale export` dir")
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=1.0, help="0: greedy (default 1.0)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0: all)")
+    p.add_argument("--seed", type=int, default=0, help="same seed, same text")
+
+    p = sub.add_parser("eval", help="loss and perplexity of an LM run or an exported dir")
+    p.add_argument("path", metavar="RUN_DIR|DIR", help="a run dir (newest checkpoint) or a `mi-scale export` dir")
+    p.add_argument("--data", default=None, help="a local text file (default: the run's held-out split)")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward (default 8)")
+    p.add_argument("--batches", type=int, default=0, help="evaluate only the first N batches (0: all)")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="--data window length (default: the run's data.seq_len or the model's context)")
     return parser
 
 
@@ -160,6 +175,9 @@ def _dispatch(args) -> int:
         from mi_scale import export
         export.export(args.run_dir, args.out, step=args.step, dtype=args.dtype, max_shard_size=args.max_shard_size)
         return 0
+    if args.command in ("generate", "eval"):
+        from mi_scale import look
+        return look.run_cli(args)
     if args.command == "train":
         cfg = config.load(args.config, args.overrides)  # validate before importing heavy deps
         from mi_scale import launcher
