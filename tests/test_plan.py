@@ -157,11 +157,19 @@ def test_bad_input_is_one_error_line_and_exit_2(capsys, args, expected):
 
 
 @pytest.mark.slow
-def test_prediction_within_25_percent_of_measured_peak_zero2_and_zero3():
-    """The plan's prediction for a small GPT at ZeRO-2 and ZeRO-3 is within
-    +-25% of the measured peak RSS (largest of 2 real gloo ranks, whole run)."""
-    for stage in (2, 3):
-        cfg = load(TINY, *SMALL, f"deepspeed.zero_stage={stage}")
-        predicted = plan.plan(cfg, advise=False).per_rank_peak_bytes
-        measured = plan.measure(cfg)["peak_bytes"]
-        assert abs(predicted / measured - 1) <= 0.25, (stage, predicted, measured)
+def test_prediction_of_peak_and_of_its_batch_dependent_part_against_measured():
+    """Measured on 2 real gloo ranks (peak RSS, largest rank, whole run):
+    - the predicted growth from micro-batch 8 to 64 (activations, sketches:
+      what the model and batch decide) is within +-15% of the measured growth
+      (the ~520 MiB fitted runtime constant cancels out);
+    - the whole prediction is within +-25% at ZeRO-2 and ZeRO-3."""
+    measured, predicted = {}, {}
+    for stage, batch in ((2, 8), (2, 64), (3, 8)):
+        cfg = load(TINY, *SMALL, f"deepspeed.zero_stage={stage}", f"data.batch_size={batch}")
+        predicted[stage, batch] = plan.plan(cfg, advise=False).per_rank_peak_bytes
+        measured[stage, batch] = plan.measure(cfg)["peak_bytes"]
+    grew, grew_predicted = (d[2, 64] - d[2, 8] for d in (measured, predicted))
+    assert grew > 100 * 2**20  # the part under test is large against measurement noise (a few MiB)
+    assert abs(grew_predicted / grew - 1) <= 0.15, (grew_predicted, grew)
+    for key in ((2, 8), (3, 8)):
+        assert abs(predicted[key] / measured[key] - 1) <= 0.25, (key, predicted[key], measured[key])
