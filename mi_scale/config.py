@@ -210,6 +210,9 @@ class TrackingConfig:
     project: str = "mi-scale"
     heatmap_every: int = 100
     progress: bool = True
+    # at the end of training, export the final checkpoint to RUN_DIR/export/
+    # and log it as a wandb model artifact (a reference in offline mode)
+    log_model: bool = False
 
     def validate(self, p: str) -> None:
         _check(self.heatmap_every >= 1, f"{p}.heatmap_every", self.heatmap_every, "use heatmap_every >= 1")
@@ -271,6 +274,10 @@ class Config:
                "the matched-gradient control cannot run at deepspeed.zero_stage=3: use stage 0, 1 or 2")
         _check(self.mi.control == "none" or self.mi.weight != 0, "mi.weight", self.mi.weight,
                "mi.control=deep_supervision matches the MI term's gradient at mi.weight: set a nonzero weight")
+        _check(not self.tracking.log_model or self.model.kind in ("gpt", "hf"), "tracking.log_model",
+               self.tracking.log_model, "exported models are language models: use it with model.kind gpt or hf")
+        _check(not self.tracking.log_model or self.tracking.wandb != "disabled", "tracking.log_model",
+               self.tracking.log_model, "the artifact goes to wandb: set tracking.wandb=offline or online")
         return self
 
     def to_dict(self) -> dict:

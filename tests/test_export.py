@@ -248,3 +248,34 @@ def test_generate_greedy_equals_transformers_and_sampling_is_seeded(trained, tmp
     assert losses[0] == losses[1]  # our GPT on the checkpoint, transformers on the export
     assert cli.main(["generate", str(tmp_path), "--prompt", "x"]) == 2
     assert capsys.readouterr().err.startswith(f"error: RUN_DIR|DIR: invalid value '{tmp_path}': neither")
+
+
+# -- tracking.log_model ---------------------------------------------------------------
+
+
+def test_log_model_exports_the_final_checkpoint_as_a_wandb_reference_artifact(tmp_path):
+    from wandb_reader import artifacts
+
+    cfg = _cfg(tmp_path, "train.steps=1", "deepspeed.zero_stage=2", "tracking.wandb=offline",
+               "tracking.log_model=true", "run.name=logged")
+    run_world(1, _init_run, cfg.to_dict())
+    out = cfg.run_dir() / "export" / "step-00000001"
+    files = sorted(p.name for p in out.iterdir())
+    assert "model-00001-of-00001.safetensors" in files and "config.json" in files
+    [run_file] = (cfg.run_dir() / "wandb").glob("offline-run-*/run-*.wandb")
+    [art] = artifacts(run_file)
+    assert (art.type, art.name, sorted(art.aliases)) == ("model", "logged-model", ["latest", "step-00000001"])
+    entries = {e.path: e for e in art.manifest.contents}
+    assert sorted(entries) == files  # a reference to every exported file, nothing copied
+    safetensors = entries["model-00001-of-00001.safetensors"]
+    assert safetensors.ref == f"file://{(out / 'model-00001-of-00001.safetensors').resolve()}"
+    assert safetensors.size == (out / "model-00001-of-00001.safetensors").stat().st_size
+    assert json.loads(art.metadata)["sha256"] == json.loads((out / "mi_scale_export.json").read_text())["sha256"]
+
+
+def test_log_model_needs_a_language_model_and_wandb():
+    with pytest.raises(config_mod.ConfigError, match=r"^tracking.log_model: invalid value True: the artifact "
+                                                     r"goes to wandb: set tracking.wandb=offline or online$"):
+        config_mod.load(None, ["model.kind=gpt", "tracking.wandb=disabled", "tracking.log_model=true"])
+    with pytest.raises(config_mod.ConfigError, match=r"^tracking.log_model: invalid value True: exported models"):
+        config_mod.load(None, ["model.kind=mlp", "tracking.log_model=true"])

@@ -291,6 +291,9 @@ def run_worker(cfg: Config, resume: bool = False, on_checkpoint=None) -> dict:
                                 f"{time.perf_counter() - t_save:.1f} s")
                 if on_checkpoint is not None:
                     on_checkpoint(path, done, {**row, **last_eval})
+        if cfg.tracking.log_model and tracker is not None and t.steps > start_step:
+            from mi_scale.export import log_model
+            log_model(tracker, run_dir)  # the final checkpoint, just written by every rank
     finally:
         if tracker is not None:
             tracker.heatmap(t.steps, force=True)
