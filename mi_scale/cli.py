@@ -1,4 +1,5 @@
-"""`mi-scale` command line: train | resume | prepare | report | bench | sweep | plan | mi-check.
+"""`mi-scale` command line: train | resume | prepare | export | generate | eval | report | bench | sweep | plan |
+mi-check.
 
 Every user error (bad config, missing file, bad checkpoint) prints one
 `error: ...` line naming the field, value and fix, and exits with status 2
@@ -105,6 +106,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--measure", action="store_true",
                    help="also run the config here (CPU ranks under torchrun) and compare the measured peak")
+    p = sub.add_parser("export", help="a run's checkpoint as a Hugging Face model dir (safetensors)")
+    p.add_argument("run_dir", help="runs/<name>: holds config.yaml and checkpoints/")
+    p.add_argument("--out", required=True, help="new directory to write (never overwritten)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="tensor dtype (default fp32)")
+    p.add_argument("--max-shard-size", default="2GB", help="largest safetensors file (default 2GB)")
+    p = sub.add_parser("generate", help="sample text from an LM run or an exported dir")
+    p.add_argument("path", metavar="RUN_DIR|DIR", help="a run dir (newest checkpoint) or a `mi-scale export` dir")
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=1.0, help="0: greedy (default 1.0)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0: all)")
+    p.add_argument("--seed", type=int, default=0, help="same seed, same text")
+
+    p = sub.add_parser("eval", help="loss and perplexity of an LM run or an exported dir")
+    p.add_argument("path", metavar="RUN_DIR|DIR", help="a run dir (newest checkpoint) or a `mi-scale export` dir")
+    p.add_argument("--data", default=None, help="a local text file (default: the run's held-out split)")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward (default 8)")
+    p.add_argument("--batches", type=int, default=0, help="evaluate only the first N batches (0: all)")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="--data window length (default: the run's data.seq_len or the model's context)")
     return parser
 
 
@@ -163,6 +185,13 @@ def _dispatch(args) -> int:
             bench.mi_overhead(steps=args.steps, ranks=[int(r) for r in args.ranks.split(",")], out_dir=args.out,
                               cases=args.cases.split(",") if args.cases else None)
         return 0
+    if args.command == "export":
+        from mi_scale import export
+        export.export(args.run_dir, args.out, step=args.step, dtype=args.dtype, max_shard_size=args.max_shard_size)
+        return 0
+    if args.command in ("generate", "eval"):
+        from mi_scale import look
+        return look.run_cli(args)
     if args.command == "train":
         cfg = config.load(args.config, args.overrides)  # validate before importing heavy deps
         from mi_scale import launcher

@@ -56,16 +56,22 @@ class ModelConfig:
     # gpt: a preset name from mi_scale.models.gpt.PRESETS
     preset: str = "gpt-1m"
     # hf: a transformers config name or local path, built with from_config
-    hf_name_or_path: Optional[str] = None
+    hf_name_or_path: Optional[str] = None  # default for kind=hf: init_from
     dropout: float = 0.0
+    # start from these weights (optimizer fresh): a mi-scale run dir, a dir
+    # written by `mi-scale export`, or a local Hugging Face model dir
+    # (GPT-2 format for kind=gpt); train/init_from.py
+    init_from: Optional[str] = None
 
     def validate(self, p: str) -> None:
         _check(self.depth >= 1, f"{p}.depth", self.depth, "use depth >= 1")
         _check(self.width >= 1, f"{p}.width", self.width, "use width >= 1")
         _check(0.0 <= self.dropout < 1.0, f"{p}.dropout", self.dropout, "use 0 <= dropout < 1")
         if self.kind == "hf":
+            if not self.hf_name_or_path and self.init_from:
+                self.hf_name_or_path = self.init_from  # the model dir holds the config too
             _check(bool(self.hf_name_or_path), f"{p}.hf_name_or_path", self.hf_name_or_path,
-                   "model.kind=hf needs a transformers config name or local path")
+                   "model.kind=hf needs a transformers config name or local path (or model.init_from)")
 
 
 @dataclass
@@ -214,6 +220,9 @@ class TrackingConfig:
     project: str = "mi-scale"
     heatmap_every: int = 100
     progress: bool = True
+    # at the end of training, export the final checkpoint to RUN_DIR/export/
+    # and log it as a wandb model artifact (a reference in offline mode)
+    log_model: bool = False
 
     def validate(self, p: str) -> None:
         _check(self.heatmap_every >= 1, f"{p}.heatmap_every", self.heatmap_every, "use heatmap_every >= 1")
@@ -228,6 +237,8 @@ class ClusterConfig:
     max_failures: int = 0
     storage_path: Optional[str] = None  # default: <output_dir>; may be s3:// or gs://
     ray_temp_dir: Optional[str] = None  # default: a short dir under /tmp (AF_UNIX path limit)
+    # bind gloo/NCCL to the interface of each node's Ray IP unless *_SOCKET_IFNAME is set (network.py)
+    bind_interface: bool = True
 
     def validate(self, p: str) -> None:
         _check(self.num_workers >= 1, f"{p}.num_workers", self.num_workers, "use num_workers >= 1")
@@ -273,6 +284,10 @@ class Config:
                "the matched-gradient control cannot run at deepspeed.zero_stage=3: use stage 0, 1 or 2")
         _check(self.mi.control == "none" or self.mi.weight != 0, "mi.weight", self.mi.weight,
                "mi.control=deep_supervision matches the MI term's gradient at mi.weight: set a nonzero weight")
+        _check(not self.tracking.log_model or self.model.kind in ("gpt", "hf"), "tracking.log_model",
+               self.tracking.log_model, "exported models are language models: use it with model.kind gpt or hf")
+        _check(not self.tracking.log_model or self.tracking.wandb != "disabled", "tracking.log_model",
+               self.tracking.log_model, "the artifact goes to wandb: set tracking.wandb=offline or online")
         return self
 
     def to_dict(self) -> dict:

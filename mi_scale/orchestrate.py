@@ -92,8 +92,9 @@ def start_ray(cfg: Config, verbose: bool = False):
     logging_config = ray.LoggingConfig(log_level="INFO" if verbose else "WARNING")
     if c.address:
         # The nodes bring their own environment; only the library switches travel.
+        from mi_scale.network import forwarded_env
         ray.init(address=c.address, logging_level="WARNING", log_to_driver=verbose, logging_config=logging_config,
-                 runtime_env={"env_vars": console.library_env(c.use_gpu)})
+                 runtime_env={"env_vars": {**forwarded_env(), **console.library_env(c.use_gpu)}})
         return True
     cpus = os.cpu_count() or 1
     ray.init(num_cpus=cpus, include_dashboard=False, logging_level="WARNING", log_to_driver=verbose,
@@ -102,9 +103,12 @@ def start_ray(cfg: Config, verbose: bool = False):
 
 
 def _worker_env(cfg: Config) -> dict:
+    from mi_scale.network import forwarded_env
+
     keep = ("WANDB_MODE", "WANDB_API_KEY", "WANDB_SILENT", "HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE",
             "MI_SCALE_CACHE", "PYTHONPATH", "TORCH_EXTENSIONS_DIR", "OMP_NUM_THREADS")
     env = {k: os.environ[k] for k in keep if k in os.environ}
+    env.update(forwarded_env())
     env.update(console.library_env(cfg.cluster.use_gpu))
     return env
 
@@ -252,7 +256,9 @@ def run(cfg: Config, resume: bool = False, verbose: bool = False, empty_loop: bo
     import ray
     from ray.util.queue import Queue
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
+
+    from mi_scale.network import BoundTorchConfig
 
     check_cluster(cfg)
     run_dir = cfg.run_dir().resolve()
@@ -273,7 +279,8 @@ def run(cfg: Config, resume: bool = False, verbose: bool = False, empty_loop: bo
                                "run_token": uuid.uuid4().hex[:12]},
             scaling_config=ScalingConfig(num_workers=c.num_workers, use_gpu=c.use_gpu,
                                          resources_per_worker={"CPU": c.cpus_per_worker}),
-            torch_config=TorchConfig(backend="nccl" if c.use_gpu else "gloo"),
+            torch_config=BoundTorchConfig(backend="nccl" if c.use_gpu else "gloo", bind_interface=c.bind_interface,
+                                          use_gpu=c.use_gpu, queue=queue),
             run_config=RunConfig(
                 name="ray_train" if not c.storage_path else cfg.run.name,
                 storage_path=c.storage_path or str(run_dir),
@@ -288,16 +295,16 @@ def run(cfg: Config, resume: bool = False, verbose: bool = False, empty_loop: bo
         if result.error is not None:
             raise result.error
     except Exception as e:  # surface the user's error, not Ray's wrapper
+        # Every failure, start-up ones included, keeps its full trace in driver.log.
+        logging.getLogger("mi_scale").error("training failed", exc_info=e)
         cause = _root_cause(e)
         if isinstance(cause, user_errors()):
             raise cause from None
-        startup = getattr(cause, "controller_failure", cause)  # ray.train.v2 ControllerError
-        if type(startup).__name__ == "WorkerGroupStartupTimeoutError":  # too few resources
-            raise _workers_unavailable(cfg, startup) from None
-        logging.getLogger("mi_scale").exception("training failed")
+        if type(cause).__name__ == "WorkerGroupStartupTimeoutError":  # too few resources
+            raise _workers_unavailable(cfg, cause) from None
         raise RunFailed(f"training failed: {_describe_final(e)}, after {len(relay.recoveries)} of "
-                        f"cluster.max_failures={c.max_failures} restarts; full trace in {driver_log} "
-                        f"and {logs}/rank-*.log") from e
+                        f"cluster.max_failures={c.max_failures} restarts; full trace in "
+                        f"{_trace_files(driver_log, logs)}") from e
     finally:
         relay.close()
         if started:
@@ -319,6 +326,13 @@ def _workers_unavailable(cfg: Config, cause: BaseException):
         f"has fewer free resources (a node lost?). Fix: resume on the workers there are, "
         f"`mi-scale resume {cfg.run_dir()} --set cluster.num_workers=M` (the global batch is kept), add nodes, "
         f"or wait longer with RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S")
+
+
+def _trace_files(driver_log: Path, logs: Path) -> str:
+    """The log files that hold the trace: rank logs exist only once a worker ran our code."""
+    if any(logs.glob("rank-*.log")):
+        return f"{driver_log} and {logs}/rank-*.log"
+    return str(driver_log)
 
 
 def _describe_final(e: BaseException) -> str:
@@ -363,7 +377,8 @@ def _root_cause(e: BaseException) -> BaseException:
     seen = set()
     while id(e) not in seen:
         seen.add(id(e))
-        nxt = getattr(e, "cause", None) or e.__cause__
+        # ray.train.v2 wraps start-up errors in ControllerError.controller_failure
+        nxt = getattr(e, "controller_failure", None) or getattr(e, "cause", None) or e.__cause__
         if nxt is None:
             errs = getattr(e, "worker_failures", None) or {}
             nxt = next(iter(errs.values()), None) if isinstance(errs, dict) else None

@@ -66,6 +66,13 @@ def build_objective(cfg: Config, bundle, world: int):
     ds_conf = deepspeed_config(cfg, world, ModelShape.of(twin))
     with partitioned_init(cfg, ds_conf):
         model = build()
+    if cfg.model.init_from:
+        from mi_scale.train import init_from
+        model.init_report = init_from.load(model, cfg.model.kind, cfg.model.init_from)
+        if model.init_report["sha256"]:  # rank 0
+            r = model.init_report
+            console.say(f"[mi-scale] init_from {r['path']}: {r['tensors']} tensors, {r['values'] / 1e6:.2f}M values "
+                        f"in {r['seconds']:.1f} s, sha256 {r['sha256']}")
     model.activation_checkpointing = cfg.train.activation_checkpointing
     layers = cfg.mi.layers
     if cfg.model.kind == "hf" and layers == ["blocks.*"]:
@@ -209,6 +216,11 @@ def run_worker(cfg: Config, resume: bool = False, on_checkpoint=None) -> dict:
     if rank == 0:
         console.phase("workers set up", detail=f"{t_mark - t_setup:.1f} s: " + ", ".join(parts))
     last_eval: dict = {}
+    if cfg.model.init_from and start_step == 0:  # where the loaded weights start
+        last_eval = evaluate(engine, bundle.test, cfg, rank, world)
+        if tracker is not None:
+            tracker.log(0, last_eval)
+            console.say("eval  init   | " + " | ".join(f"{k} {v:.4f}" for k, v in last_eval.items() if k != "split"))
     try:
         for step in range(start_step, t.steps):
             _maybe_inject_fault(cfg, run_dir, rank, step)
@@ -279,6 +291,9 @@ def run_worker(cfg: Config, resume: bool = False, on_checkpoint=None) -> dict:
                                 f"{time.perf_counter() - t_save:.1f} s")
                 if on_checkpoint is not None:
                     on_checkpoint(path, done, {**row, **last_eval})
+        if cfg.tracking.log_model and tracker is not None and t.steps > start_step:
+            from mi_scale.export import log_model
+            log_model(tracker, run_dir)  # the final checkpoint, just written by every rank
     finally:
         if tracker is not None:
             tracker.heatmap(t.steps, force=True)
