@@ -92,7 +92,7 @@ def test_cli_exits_nonzero_with_one_line_error():
     assert r.stderr.strip() == "error: mi.wieght: unknown field (did you mean 'weight'?)"
 
 
-COMMANDS = ["train", "resume", "report", "sweep", "bench", "mi-check", "plan", "export", "generate", "eval"]
+COMMANDS = ["train", "resume", "prepare", "report", "sweep", "bench", "mi-check", "plan", "export", "generate", "eval"]
 
 
 def test_cli_help_lists_subcommands(capsys):
