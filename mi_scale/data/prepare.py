@@ -344,19 +344,30 @@ def _train_tokenizer(source: dict, cfg, vocab: int, out: Path, say) -> None:
 
 
 class _Encode:
-    """datasets.map function: a batch of documents -> token ids, each followed by
-    the separator (the stream's final separator is cut when writing). Empty rows
-    give no tokens. A class, so that num_proc workers can pickle it."""
+    """datasets.map function: a batch of documents (an Arrow table) -> token ids,
+    each document followed by the separator (the stream's final one is cut when
+    writing); empty rows give no tokens. Builds the Arrow list column with numpy
+    rather than row by row. A class, so that num_proc workers can pickle it."""
 
     def __init__(self, tokenizer, field: str, dtype: np.dtype):
         self.tokenizer, self.field, self.dtype = tokenizer, field, dtype
         self.separator = np.asarray(tokenizer.separator, dtype=dtype)
 
-    def __call__(self, batch: dict) -> dict:
-        texts = [t or "" for t in batch[self.field]]
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        texts = [t or "" for t in batch.column(self.field).to_pylist()]
         ids = self.tokenizer.encode_batch(texts)
-        return {"ids": [np.concatenate([np.asarray(i, dtype=self.dtype), self.separator]) if t
-                        else np.zeros(0, dtype=self.dtype) for i, t in zip(ids, texts)]}
+        n_ids = np.fromiter((len(i) for i in ids), dtype=np.int64, count=len(ids))
+        n_sep = np.where(np.fromiter((bool(t) for t in texts), dtype=bool, count=len(texts)), len(self.separator), 0)
+        offsets = np.concatenate([[0], np.cumsum(n_ids + n_sep)])
+        is_sep = np.zeros(offsets[-1], dtype=bool)  # the separator's places: the last n_sep of each row
+        ends = offsets[1:][n_sep > 0]
+        for j in range(1, len(self.separator) + 1):
+            is_sep[ends - j] = True
+        flat = np.empty(offsets[-1], dtype=self.dtype)
+        flat[~is_sep] = np.concatenate([np.asarray(i, dtype=self.dtype) for i in ids]) if ids else []
+        flat[is_sep] = np.tile(self.separator, len(ends))
+        column = pa.ListArray.from_arrays(pa.array(offsets, pa.int64()).cast(pa.int32()), pa.array(flat))
+        return pa.table({"ids": column})
 
 
 class _SplitWriter:
@@ -415,8 +426,9 @@ def _build(source: dict, cfg, ident: dict, tokenizer_spec: str, out: Path, num_p
     try:
         for name, ds in splits.items():
             for start, stop in _pieces(n_bytes[name]):
-                piece = ds.select(range(start, stop)).map(
-                    encode, batched=True, batch_size=1000, num_proc=num_proc if stop - start > 1000 else None,
+                piece = ds.select(range(start, stop)).with_format("arrow").map(
+                    encode, batched=True, batch_size=1000,
+                    num_proc=num_proc if num_proc > 1 and stop - start > 1000 else None,
                     remove_columns=ds.column_names, features=features, load_from_cache_file=False,
                     cache_file_name=str(out / f"piece-{name}-{start}.arrow"), desc=None)
                 _write_piece(piece, held[start:stop] if held is not None and name == "train" else None,
@@ -467,10 +479,10 @@ def _write_piece(piece: datasets.Dataset, held: np.ndarray | None, train: _Split
     for chunk in piece.data.column("ids").chunks:
         if held is None:
             train.write(chunk)
-        else:
-            mask = pa.array(held[row:row + len(chunk)])
-            train.write(pc.filter(chunk, pc.invert(mask)))
-            test.write(pc.filter(chunk, mask))
+        else:  # split rows by offsets: no per-row work
+            mask = held[row:row + len(chunk)]
+            train.write(chunk.filter(pa.array(~mask)))
+            test.write(chunk.filter(pa.array(mask)))
         row += len(chunk)
 
 
