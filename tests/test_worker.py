@@ -392,19 +392,30 @@ class _Payload:
         return (Path.write_text, (Path(self.marker), "code ran"))
 
 
-@pytest.mark.parametrize("target", ["rank-0000.pt", "mp_rank_00_model_states.pt"])
-def test_resume_refuses_a_pickle_payload_without_running_it(tmp_path, target):
-    """Our rank file and DeepSpeed's model file both load as weights_only: a
-    planted payload is refused with a clear error and never runs."""
+def _plant(path: Path, marker: Path) -> None:
+    """Add a pickle payload to a checkpoint file, keeping what it held."""
+    state = torch.load(path, weights_only=False)
+    state = state if isinstance(state, dict) else {"held": state}
+    state["evil"] = _Payload(str(marker))
+    torch.save(state, path)
+
+
+@pytest.mark.parametrize("target,env", [
+    ("rank-0000.pt", {}), ("mp_rank_00_model_states.pt", {}),
+    ("zero_pp_rank_0_mp_rank_00_optim_states.pt", {}),
+    # the switch that turns torch's weights_only default off does not reopen it
+    ("mp_rank_00_model_states.pt", {"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"})],
+    ids=["rank-file", "model-file", "optimizer-file", "model-file-force-no-weights-only-env"])
+def test_resume_refuses_a_pickle_payload_without_running_it(tmp_path, target, env):
+    """Our rank file and DeepSpeed's model and optimizer files all load as
+    weights_only: a planted payload is refused with a clear error and never runs."""
     cfg = tiny(tmp_path, "train.steps=2", "train.checkpoint_every=2", "deepspeed.zero_stage=2")
     from mi_scale.train.worker import run_worker
     run_worker(cfg)
     marker = tmp_path / "pwned"
     path = cfg.run_dir() / "checkpoints" / "step-00000002" / target
-    state = torch.load(path, weights_only=False)
-    state["evil"] = _Payload(str(marker))
-    torch.save(state, path)
-    r = cli("resume", str(cfg.run_dir()), "--launcher", "local", "--set", "train.steps=4")
+    _plant(path, marker)
+    r = cli("resume", str(cfg.run_dir()), "--launcher", "local", "--set", "train.steps=4", env=env)
     assert r.returncode == 2, r.stderr[-2000:]
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: checkpoint file {path} holds objects other than tensors and plain types"
@@ -414,3 +425,33 @@ def test_resume_refuses_a_pickle_payload_without_running_it(tmp_path, target):
                          "you trust (delete this step's folder to fall back to the previous one)")
     assert not marker.exists()
     assert [r["step"] for r in metrics(cfg.run_dir())] == [1, 2]  # nothing trained or rewritten
+
+
+def test_resume_refuses_a_payload_in_rank_1s_file_and_in_the_universal_files(tmp_path):
+    """2 ranks: a payload in rank 1's own file stops both ranks (they agree);
+    resharded onto 1 rank, a payload in the converted universal files is refused."""
+    from mi_scale.train.checkpoint import UnsafeCheckpointError
+    from mi_scale.train.worker import run_worker
+
+    cfg = tiny(tmp_path, "train.steps=2", "train.checkpoint_every=2", "deepspeed.zero_stage=2")
+    run_world(2, _train, cfg.to_dict(), False)
+    step = cfg.run_dir() / "checkpoints" / "step-00000002"
+    marker = tmp_path / "pwned"
+    rank1 = step / "rank-0001.pt"
+    clean = rank1.read_bytes()
+    _plant(rank1, marker)
+    with pytest.raises(AssertionError) as e:
+        run_world(2, _train, cfg.to_dict(), True)
+    assert f"UnsafeCheckpointError: checkpoint file {rank1} holds objects other than tensors" in str(e.value)
+    assert f"UnsafeCheckpointError: checkpoint {step} holds a file another rank refused to unpickle" \
+        in str(e.value)  # rank 0, whose own files were clean
+    assert not marker.exists()
+    rank1.write_bytes(clean)
+    run_worker(config_mod.from_dict(cfg.to_dict()), resume=True)  # 1 rank: converts to universal/, 0 steps
+    universal = sorted((step / "universal").rglob("*.pt"))
+    assert universal
+    _plant(universal[0], marker)
+    with pytest.raises(UnsafeCheckpointError, match=f"^checkpoint file {step} holds objects other than tensors"):
+        run_worker(config_mod.from_dict(cfg.to_dict()), resume=True)
+    assert not marker.exists()
+    assert [r["step"] for r in metrics(cfg.run_dir())] == [1, 2]
