@@ -174,6 +174,8 @@ def mi_overhead(steps: int = 20, ranks: list[int] = (1, 2), out_dir: str = "runs
             ratios = [a / b for a, b in zip(res["with"], res["without"])]
             row = {"case": case, "ranks": world, "median_ms_without": wo * 1e3, "median_ms_with": w * 1e3,
                    "ratio_of_medians": w / wo, "median_of_paired_ratios": statistics.median(ratios),
+                   "step_ms_without": [t * 1e3 for t in res["without"]],  # the raw timed steps
+                   "step_ms_with": [t * 1e3 for t in res["with"]],
                    "sketch_bytes_per_step": res["sketch_bytes"], "raw_bytes_per_step": res["raw_bytes"],
                    "layers": res["layers"], "description": CASES[case]}
             rows.append(row)

@@ -56,16 +56,22 @@ class ModelConfig:
     # gpt: a preset name from mi_scale.models.gpt.PRESETS
     preset: str = "gpt-1m"
     # hf: a transformers config name or local path, built with from_config
-    hf_name_or_path: Optional[str] = None
+    hf_name_or_path: Optional[str] = None  # default for kind=hf: init_from
     dropout: float = 0.0
+    # start from these weights (optimizer fresh): a mi-scale run dir, a dir
+    # written by `mi-scale export`, or a local Hugging Face model dir
+    # (GPT-2 format for kind=gpt); train/init_from.py
+    init_from: Optional[str] = None
 
     def validate(self, p: str) -> None:
         _check(self.depth >= 1, f"{p}.depth", self.depth, "use depth >= 1")
         _check(self.width >= 1, f"{p}.width", self.width, "use width >= 1")
         _check(0.0 <= self.dropout < 1.0, f"{p}.dropout", self.dropout, "use 0 <= dropout < 1")
         if self.kind == "hf":
+            if not self.hf_name_or_path and self.init_from:
+                self.hf_name_or_path = self.init_from  # the model dir holds the config too
             _check(bool(self.hf_name_or_path), f"{p}.hf_name_or_path", self.hf_name_or_path,
-                   "model.kind=hf needs a transformers config name or local path")
+                   "model.kind=hf needs a transformers config name or local path (or model.init_from)")
 
 
 @dataclass

@@ -63,16 +63,21 @@ def resume(run_dir: str, overrides: list[str], launcher: str = "ray", address: s
     if not path.is_file():
         raise ConfigError(f"run dir {run_dir!r} has no config.yaml: pass the folder of an existing run "
                           f"(runs/<run.name>)")
-    for item in overrides:
-        key = item.split("=", 1)[0]
-        if not key.startswith(RESUMABLE):
-            raise ConfigError(f"--set {key}: cannot change on resume (it changes what the checkpoint means); "
-                              f"start a new run with another run.name instead")
+    check_resume_overrides(overrides)
     cfg = config_mod.load(path, overrides)
     # The run dir is where it is now, even if the run was moved.
     cfg.run.output_dir = str(Path(run_dir).resolve().parent)
     cfg.run.name = Path(run_dir).resolve().name
     return launch(cfg, launcher=launcher, address=address, resume=True, verbose=verbose)
+
+
+def check_resume_overrides(overrides: list[str]) -> None:
+    """`resume --set KEY=VALUE` may only touch the RESUMABLE settings."""
+    for item in overrides:
+        key = item.split("=", 1)[0]
+        if not key.startswith(RESUMABLE):
+            raise ConfigError(f"--set {key}: cannot change on resume (it changes what the checkpoint means); "
+                              f"start a new run with another run.name instead")
 
 
 def _print_summary(summary: dict) -> None:

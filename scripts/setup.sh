@@ -7,13 +7,18 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null || PY=python3
-# DeepSpeed's async I/O op (NVMe offload, ZeRO-Infinity) needs libaio. We
-# install it where we can (root with apt); elsewhere nvme offload stops with
-# an error that says so, and everything else works.
-if [[ ! -e /usr/include/libaio.h ]] && command -v apt-get >/dev/null && [[ $(id -u) == 0 ]]; then
-    echo "[setup] installing libaio-dev (for deepspeed.offload_optimizer=nvme)"
-    { apt-get update -qq && apt-get install -y -qq libaio-dev; } >/dev/null 2>&1 \
-        || echo "[setup] could not install libaio-dev: NVMe offload will be unavailable"
+# System packages, installed where we can (root with apt):
+# - libaio-dev: DeepSpeed's async I/O op (NVMe offload, ZeRO-Infinity);
+#   without it nvme offload stops with an error that says so.
+# - shellcheck: the test suite lints the launch and setup scripts with it;
+#   without it those tests skip.
+apt_missing=()
+[[ -e /usr/include/libaio.h ]] || apt_missing+=(libaio-dev)
+command -v shellcheck >/dev/null || apt_missing+=(shellcheck)
+if (( ${#apt_missing[@]} )) && command -v apt-get >/dev/null && [[ $(id -u) == 0 ]]; then
+    echo "[setup] installing ${apt_missing[*]} (apt)"
+    { apt-get update -qq && apt-get install -y -qq "${apt_missing[@]}"; } >/dev/null 2>&1 \
+        || echo "[setup] could not install ${apt_missing[*]}: NVMe offload may be unavailable, shellcheck tests skip"
 fi
 STAMP=.venv/.mi-scale-installed
 # Reuse the venv when pyproject.toml and the constraints are unchanged.

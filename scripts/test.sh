@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The test suite. pytest's exit code 5 (no tests collected) is a failure here.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 export WANDB_MODE=offline WANDB_SILENT=true HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 # DeepSpeed JIT-compiles its async I/O op (NVMe offload) on first use: about

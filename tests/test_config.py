@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 import sys
@@ -91,11 +92,22 @@ def test_cli_exits_nonzero_with_one_line_error():
     assert r.stderr.strip() == "error: mi.wieght: unknown field (did you mean 'weight'?)"
 
 
-def test_cli_help_lists_subcommands():
+COMMANDS = ["train", "resume", "report", "sweep", "bench", "mi-check", "plan", "export"]
+
+
+def test_cli_help_lists_subcommands(capsys):
     r = subprocess.run([sys.executable, "-m", "mi_scale.cli", "--help"], capture_output=True, text=True)
-    assert r.returncode == 0
-    for cmd in ("train", "resume", "report", "bench", "sweep", "mi-check"):
-        assert cmd in r.stdout
+    assert r.returncode == 0 and r.stdout.startswith("usage: mi-scale [-h] COMMAND ...\n")
+    # argparse's subcommand list: "    NAME   help" lines under "positional arguments"
+    section = r.stdout.split("positional arguments:\n", 1)[1].split("\n\n", 1)[0]
+    listed = [m[1] for m in re.finditer(r"^    (\S+) +\S", section, re.M)]
+    assert listed == COMMANDS
+    from mi_scale import cli
+    for cmd in COMMANDS:  # each has its own help
+        with pytest.raises(SystemExit) as e:
+            cli.build_parser().parse_args([cmd, "--help"])
+        assert e.value.code == 0
+        assert capsys.readouterr().out.startswith(f"usage: mi-scale {cmd} ")
 
 
 def test_shipped_configs_validate():
@@ -116,3 +128,73 @@ def test_mi_on_nonfinite_validated_and_not_in_checkpoint_hash():
     with pytest.raises(config.ConfigError) as e:
         config.load(None, ["mi.on_nonfinite=ignore"])
     assert str(e.value) == "mi.on_nonfinite: invalid value 'ignore': expected one of 'error', 'skip'"
+
+
+# -- which settings a resume may change (README "Runs, checkpoints, resume") -------------
+
+
+def _fields(cfg) -> list[str]:
+    import dataclasses
+    return [f"{sec.name}.{f.name}" for sec in dataclasses.fields(cfg) for f in dataclasses.fields(getattr(cfg, sec.name))]
+
+
+BASE = config.load(None, [])
+# the checkpoint's identity: model, data, MI term (but its logging) and the optimizer
+IDENTITY = [k for k in _fields(BASE) if k.split(".")[0] in ("model", "data", "mi")
+            and k not in ("mi.log_every", "mi.on_nonfinite")]
+IDENTITY += ["train.lr", "train.weight_decay", "train.grad_accum", "train.precision", "deepspeed.zero_stage",
+             "run.seed"]
+# what README says may change on resume
+RESUMABLE = [k for k in _fields(BASE) if k.split(".")[0] in ("tracking", "cluster", "fault")]
+RESUMABLE += ["train.steps", "train.eval_every", "train.log_every", "train.checkpoint_every", "train.keep_last",
+              "train.eval_batches", "mi.log_every"]
+# neither: not part of the checkpoint's identity, yet `resume --set` refuses them
+NEITHER = ["run.name", "run.group", "run.output_dir", "mi.on_nonfinite", "train.warmup_steps",
+           "train.min_lr_ratio", "train.grad_clip", "train.activation_checkpointing", "deepspeed.offload_optimizer",
+           "deepspeed.offload_params", "deepspeed.nvme_path", "deepspeed.bucket_elements", "deepspeed.extra"]
+
+
+def _changed(cfg, key: str):
+    """A copy of cfg with `key` set to another value of its type (not validated)."""
+    import copy
+    cfg = copy.deepcopy(cfg)
+    sec, name = key.split(".")
+    v = getattr(getattr(cfg, sec), name)
+    other = (not v if isinstance(v, bool) else v + 1 if isinstance(v, (int, float)) else v + "-x"
+             if isinstance(v, str) else [*v, "x"] if isinstance(v, list) else {**v, "x": 1}
+             if isinstance(v, dict) else 1)
+    setattr(getattr(cfg, sec), name, other)
+    return cfg
+
+
+def test_every_setting_is_classified_for_resume():
+    assert sorted(IDENTITY + RESUMABLE + NEITHER) == sorted(_fields(BASE))
+    assert set(BASE.training_keys()) == set(IDENTITY)
+
+
+@pytest.mark.parametrize("key", IDENTITY)
+def test_resume_refuses_a_change_of(key):
+    from mi_scale.launcher import check_resume_overrides
+    from mi_scale.train.checkpoint import CheckpointError, check_compatible
+
+    meta = {"training_keys": BASE.training_keys(), "world_size": 1}
+    with pytest.raises(CheckpointError) as e:
+        check_compatible(meta, 1, Path("ckpt"), _changed(BASE, key).training_keys())
+    assert str(e.value) == (f"checkpoint ckpt was written by a different configuration (differs in: {key}); "
+                            "resume with the run's own config.yaml, or start a new run with another run.name")
+    with pytest.raises(ConfigError) as e:
+        check_resume_overrides([f"{key}=1"])
+    assert str(e.value).startswith(f"--set {key}: cannot change on resume")
+
+
+@pytest.mark.parametrize("key", RESUMABLE)
+def test_resume_accepts_a_change_of(key):
+    from mi_scale.launcher import check_resume_overrides
+    from mi_scale.train.checkpoint import check_compatible
+
+    changed = _changed(BASE, key)
+    assert changed.to_dict() != BASE.to_dict()
+    assert changed.training_hash() == BASE.training_hash()
+    check_compatible({"training_keys": BASE.training_keys(), "world_size": 1}, 1, Path("ckpt"),
+                     changed.training_keys())
+    check_resume_overrides([f"{key}=1"])

@@ -124,6 +124,15 @@ def test_degenerate_inputs_stay_finite(name, case):
     assert torch.isfinite(x.grad).all() and torch.isfinite(y.grad).all(), case
     if case == "constant layer" and name != "infonce":
         assert abs(float(value)) < 1e-6  # a constant carries no information
+    if case == "identical":  # the most dependent input: each estimator near its largest value
+        if name == "gaussian":
+            assert float(value) >= 0.9 * estimators.gaussian_ceiling(8, est.shrinkage)
+        if name == "hsic":
+            assert float(value) == pytest.approx(1.0, abs=1e-6)  # CKA of a layer with itself
+        if name == "renyi2":
+            g = torch.Generator().manual_seed(1)
+            noisy = [float(est(x, x + s * torch.randn(x.shape, generator=g))) for s in (0.1, 0.3, 1.0, 3.0)]
+            assert float(value) > noisy[0] > noisy[1] > noisy[2] > noisy[3] > 0, (float(value), noisy)
 
 
 def test_registry_rejects_unknown_name_with_suggestion():
@@ -212,11 +221,17 @@ def test_infonce_fit_on_fixed_dense_sample_heldout_positive_and_close():
     critic.fit(x, y, steps=3000, batch=256, lr=3e-3)
     assert 0 < critic.best_step <= critic.steps_run < 3000  # stopped early, best critic kept
     assert critic.heldout_mi > 0
-    assert critic.heldout_mi == pytest.approx(truth, rel=0.30)
+    # README (mi-check): within 13 % of the truth on dense 25x25 (measured 12.9 % low)
+    assert critic.heldout_mi == pytest.approx(truth, rel=0.13)
+    # the restored critic is the best one: it scores heldout_mi on the held-out rows
+    # (fit's split: the first 20 % of randperm(n) drawn from its seed)
+    val = torch.randperm(4096, generator=torch.Generator().manual_seed(0))[:round(0.2 * 4096)]
+    with torch.no_grad():
+        assert float(critic(x[val], y[val])) == critic.heldout_mi
     xf, yf, _ = dense_gaussian(4096, 25, 0.5, seed=9)  # fresh rows: still a positive, close bound
     with torch.no_grad():
         fresh = float(critic(xf, yf))
-    assert 0 < fresh and fresh == pytest.approx(truth, rel=0.30)
+    assert 0 < fresh and fresh == pytest.approx(truth, rel=0.13)
 
 
 # -- non-finite input ---------------------------------------------------------------

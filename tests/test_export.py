@@ -132,3 +132,74 @@ def test_corrupt_file_is_one_error_line_and_out_untouched(trained, tmp_path, cap
     (out / "keep").write_text("x")
     code, cap = _export(run_dir, out, capsys=capsys)
     assert code == 2 and (out / "keep").read_text() == "x" and "export never overwrites" in cap.err
+
+
+# -- model.init_from for the built-in GPT ------------------------------------------
+
+
+def _init_run(rank, world, cfg_dict):
+    from mi_scale.train.worker import run_worker
+
+    cfg = config_mod.from_dict(cfg_dict)
+    run_worker(cfg)
+    rows = [json.loads(x) for x in (cfg.run_dir() / "metrics.jsonl").read_text().splitlines()]
+    return rows
+
+
+def test_init_from_export_and_run_dir_start_at_the_runs_final_eval_loss(trained, tmp_path, capfd):
+    run_dir, res = trained
+    out = tmp_path / "gpt2"
+    assert _export(run_dir, out, capsys=capfd)[0] == 0
+    final_eval = res["summary"]["eval_loss"]
+    checksums = []
+    for source in (out, run_dir):
+        # one rank with the global batch of the 2-rank run: the same held-out samples
+        cfg = _cfg(tmp_path, "train.steps=1", "data.batch_size=8", "deepspeed.zero_stage=2",
+                   f"model.init_from={source}", f"run.name=from-{source.name}")
+        capfd.readouterr()
+        rows = run_world(1, _init_run, cfg.to_dict())[0]
+        assert rows[0]["step"] == 0 and rows[0]["split"] == "eval"
+        assert rows[0]["eval_loss"] == pytest.approx(final_eval, rel=1e-6)
+        line = [x for x in capfd.readouterr().out.splitlines() if x.startswith("[mi-scale] init_from ")]  # the ranks' stdout
+        assert len(line) == 1 and " 52 tensors, 0.83M values " in line[0], line
+        checksums.append(line[0].split("sha256 ")[1])
+    assert checksums[0] == checksums[1]  # the same weights, from GPT-2 safetensors and from the checkpoint
+    assert cfg.training_keys()["model.init_from"] == str(run_dir)  # a resume must name the same weights
+
+
+def test_init_from_refuses_missing_unexpected_and_misshapen_tensors(tmp_path):
+    import transformers
+    from safetensors.torch import load_file, save_file
+
+    from mi_scale.models import GPT, GPTConfig, ModelError, build_gpt
+    from mi_scale.train import init_from
+
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=256, n_positions=16, n_embd=32, n_layer=2,
+                                                               n_head=2, bos_token_id=None, eos_token_id=None))
+    hf.save_pretrained(tmp_path / "ok")
+    model = build_gpt("gpt-1m", vocab_size=256, seq_len=16)  # width 128: every 2-D weight misfits
+    weights = load_file(tmp_path / "ok" / "model.safetensors")
+    with pytest.raises(ModelError) as e:
+        init_from.load(model, "gpt", str(tmp_path / "ok"))
+    msg = str(e.value)
+    assert msg.startswith(f"model.init_from: invalid value '{tmp_path / 'ok'}': its weights do not fit this model: "
+                          f"missing 24 (blocks.2.ln_1.weight; ")  # gpt-1m has 4 blocks, the file 2
+    assert ", shape mismatch 28 (blocks.0.attn.qkv.bias (96,) in the file, (384,) in the model; " in msg
+
+    ours = GPT(GPTConfig(vocab_size=256, seq_len=16, n_layer=2, n_head=2, d_model=32))  # the file's shape
+    report = init_from.load(ours, "gpt", str(tmp_path / "ok"))
+    assert report["tensors"] == 2 * 12 + 4
+    torch.testing.assert_close(ours.blocks[1].mlp.fc.weight, weights["transformer.h.1.mlp.c_fc.weight"].t())
+    bad = dict(weights)
+    bad.pop("transformer.h.1.mlp.c_fc.bias")
+    bad["transformer.h.1.attn.c_proj.weight"] = torch.zeros(32, 33)
+    bad["transformer.extra.weight"] = torch.zeros(2)
+    (tmp_path / "bad").mkdir()
+    save_file(bad, tmp_path / "bad" / "model.safetensors")
+    with pytest.raises(ModelError) as e:
+        init_from.load(ours, "gpt", str(tmp_path / "bad"))
+    assert str(e.value) == (
+        f"model.init_from: invalid value '{tmp_path / 'bad'}': its weights do not fit this model: missing 1 "
+        f"(blocks.1.mlp.fc.bias), unexpected 1 (transformer.extra.weight), shape mismatch 1 (blocks.1.attn.proj.weight "
+        f"(33, 32) in the file, (32, 32) in the model); point init_from at weights of this architecture and shape "
+        f"(model.preset or model.hf_name_or_path, data.seq_len, data.tokenizer)")

@@ -95,9 +95,17 @@ def test_plain_deep_mlp_keeps_default_init_and_loses_the_input():
 # ---------------------------------------------------------------- GPT
 
 
+def gpt_params(n_layer: int, d: int, vocab: int, seq_len: int) -> int:
+    """Counted by hand: per block 2 LayerNorms (2 x 2D), qkv (3D^2 + 3D), attention proj
+    (D^2 + D), MLP fc (4D^2 + 4D) and proj (4D^2 + D); token and position embeddings
+    (the lm head is tied) and ln_f (2D)."""
+    block = 4 * d + (3 * d * d + 3 * d) + (d * d + d) + (4 * d * d + 4 * d) + (4 * d * d + d)
+    return n_layer * block + vocab * d + seq_len * d + 2 * d
+
+
 def test_small_gpt_param_counts():
-    assert 0.5e6 <= count_params(build_gpt("gpt-1m", vocab_size=256, seq_len=64)) <= 2e6
-    assert 3e6 <= count_params(build_gpt("gpt-5m", vocab_size=256, seq_len=64)) <= 8e6
+    assert count_params(build_gpt("gpt-1m", vocab_size=256, seq_len=64)) == gpt_params(4, 128, 256, 64) == 834_304
+    assert count_params(build_gpt("gpt-5m", vocab_size=256, seq_len=64)) == gpt_params(6, 256, 256, 64) == 4_820_992
 
 
 @pytest.mark.parametrize("preset, expected", [
@@ -186,11 +194,16 @@ def test_mlp_activation_checkpointing_same_grads():
     ckpt = copy.deepcopy(ref)
     ckpt.activation_checkpointing = True
     x_NI, y_N = torch.randn(8, 40), torch.randint(0, 10, (8,))
-    grads = []
+    grads, calls = [], []
     for model in (ref, ckpt):
+        calls.append([])
+        for i, block in enumerate(model.blocks):
+            block.register_forward_pre_hook(lambda m, a, i=i, seen=calls[-1]: seen.append(i))
         torch.manual_seed(3)
         F.cross_entropy(model(x_NI), y_N).backward()
         grads.append([p.grad for p in model.parameters()])
+    assert calls[0] == [0, 1, 2, 3]
+    assert calls[1] == [0, 1, 2, 3, 3, 2, 1, 0]  # the recompute ran in backward, last block first
     for a, b in zip(*grads):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
 

@@ -4,6 +4,7 @@ and its prediction against a measured 2-rank DeepSpeed run."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -46,12 +47,52 @@ def test_json_is_one_object_with_breakdown_summing_to_the_peak(capsys):
     assert d["breakdown"]["mi_sketches"] > 0 and d["breakdown"]["runtime"] == plan.RUNTIME_CPU
 
 
-def test_text_output_has_table_total_and_verdict(capsys):
+UNITS = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
+
+
+def parse_size(text: str) -> tuple[float, float]:
+    """'6.4 MiB' -> (bytes, half of the last printed digit in bytes)."""
+    number, unit = text.split()
+    decimals = len(number.partition(".")[2])
+    return float(number) * UNITS[unit], 0.5 * 10 ** -decimals * UNITS[unit]
+
+
+def test_text_output_table_and_totals_match_the_plan(capsys):
     rc, out, _ = run_cli(capsys, TINY, "--host-memory-gb", "16")
     assert rc == 0
-    for word in ("params", "gradients", "optimizer_state", "activations", "mi_sketches", "comm_buffers",
-                 "runtime", "total", "fits"):
-        assert word in out
+    d = json.loads(run_cli(capsys, TINY, "--host-memory-gb", "16", "--json")[1])
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("  per rank, host memory"))
+    header = re.split(r"\s{2,}", lines[start].strip())
+    names = {v: k for k, v in plan.PHASE_NAMES.items()}
+    phases = [names[h.removesuffix(" *")] for h in header[1:]]
+    assert phases == list(plan.PHASES)
+    assert [names[h.removesuffix(" *")] for h in header[1:] if h.endswith(" *")] == [d["peak_phase"]]
+    table = {}
+    for line in lines[start + 1:]:
+        if not line.strip():
+            break
+        key, *cells = re.split(r"\s{2,}", line.strip())
+        table[key] = [parse_size(c) for c in cells]
+    total = table.pop("total")
+    # every part the plan counts is a row, and each printed number is the plan's, rounded
+    assert set(table) == {k for k in plan.KEYS if any(d["phases"][ph].get(k, 0) for ph in phases)} | \
+        set(plan.KEYS[:7])
+    for key, cells in table.items():
+        for ph, (value, err) in zip(phases, cells):
+            assert abs(value - d["phases"][ph].get(key, 0)) <= err, (key, ph)
+    for i, ph in enumerate(phases):
+        value, err = total[i]
+        assert abs(value - sum(d["phases"][ph].values())) <= err, ph
+        assert abs(value - sum(cells[i][0] for cells in table.values())) <= err + sum(
+            cells[i][1] for cells in table.values())
+    m = re.fullmatch(r"peak +(\S+ \S+) per rank \((.+)\) of (\S+ \S+) per rank \(16\.00 GiB / 2\): fits \((\d+)%\)",
+                     next(line for line in lines if line.startswith("peak")))
+    assert m, out
+    peak, err = parse_size(m[1])
+    assert abs(peak - d["per_rank_peak_bytes"]) <= err and names[m[2]] == d["peak_phase"]
+    assert parse_size(m[3])[0] == d["memory_per_rank_bytes"] == 8 * GiB
+    assert int(m[4]) == round(100 * d["per_rank_peak_bytes"] / d["memory_per_rank_bytes"])
 
 
 def test_zero_stages_partition_what_deepspeed_partitions():
@@ -116,11 +157,19 @@ def test_bad_input_is_one_error_line_and_exit_2(capsys, args, expected):
 
 
 @pytest.mark.slow
-def test_prediction_within_25_percent_of_measured_peak_zero2_and_zero3():
-    """The plan's prediction for a small GPT at ZeRO-2 and ZeRO-3 is within
-    +-25% of the measured peak RSS (largest of 2 real gloo ranks, whole run)."""
-    for stage in (2, 3):
-        cfg = load(TINY, *SMALL, f"deepspeed.zero_stage={stage}")
-        predicted = plan.plan(cfg, advise=False).per_rank_peak_bytes
-        measured = plan.measure(cfg)["peak_bytes"]
-        assert abs(predicted / measured - 1) <= 0.25, (stage, predicted, measured)
+def test_prediction_of_peak_and_of_its_batch_dependent_part_against_measured():
+    """Measured on 2 real gloo ranks (peak RSS, largest rank, whole run):
+    - the predicted growth from micro-batch 8 to 64 (activations, sketches:
+      what the model and batch decide) is within +-15% of the measured growth
+      (the ~520 MiB fitted runtime constant cancels out);
+    - the whole prediction is within +-25% at ZeRO-2 and ZeRO-3."""
+    measured, predicted = {}, {}
+    for stage, batch in ((2, 8), (2, 64), (3, 8)):
+        cfg = load(TINY, *SMALL, f"deepspeed.zero_stage={stage}", f"data.batch_size={batch}")
+        predicted[stage, batch] = plan.plan(cfg, advise=False).per_rank_peak_bytes
+        measured[stage, batch] = plan.measure(cfg)["peak_bytes"]
+    grew, grew_predicted = (d[2, 64] - d[2, 8] for d in (measured, predicted))
+    assert grew > 100 * 2**20  # the part under test is large against measurement noise (a few MiB)
+    assert abs(grew_predicted / grew - 1) <= 0.15, (grew_predicted, grew)
+    for key in ((2, 8), (3, 8)):
+        assert abs(predicted[key] / measured[key] - 1) <= 0.25, (key, predicted[key], measured[key])

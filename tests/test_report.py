@@ -60,6 +60,11 @@ def make_run(root: Path, arm: str, seed: int, final_acc: float, tau: float, mi_l
     return run_dir
 
 
+def run_eval(run_dir: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return sorted((r for r in rows if r["split"] == "eval"), key=lambda r: r["step"])
+
+
 def recompute(run_dirs: list[Path]) -> dict:
     """Per-arm numbers straight from the jsonl files."""
     per_run = {}
@@ -101,17 +106,54 @@ def two_arms(tmp_path):
     return dirs
 
 
-def test_report_numbers_plots_and_verdict(two_arms, tmp_path):
+@pytest.fixture
+def saved_figures(monkeypatch):
+    """{png name: the matplotlib figure written to it}: every plot goes through
+    plots._save, which still writes the file."""
+    figures = {}
+    real_save = plots._save
+
+    def spy(fig, path):
+        figures[Path(path).name] = fig
+        return real_save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", spy)
+    return figures
+
+
+def test_report_numbers_plots_and_verdict(two_arms, tmp_path, saved_figures):
     out = tmp_path / "report"
     report = write_report(two_arms, out)
     assert report == out / "report.md"
+    assert sorted(saved_figures) == sorted(PNGS)
     for name in PNGS:
-        data = (out / name).read_bytes()
-        assert data[:8] == b"\x89PNG\r\n\x1a\n", name
-        assert len(data) > 5000, (name, len(data))
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
 
     summary = json.loads((out / "summary.json").read_text())
     expect = recompute(two_arms)
+    # what the plots draw: each arm's mean eval curve over seeds, its mean MI per
+    # pair and logged step (the NaN of the last row grey), its final MI per pair
+    (ax,) = saved_figures["test_accuracy.png"].axes
+    curves = {line.get_label(): line for line in ax.lines}
+    assert sorted(curves) == ["baseline", "gauss-w0.1"]
+    for arm, line in curves.items():
+        assert list(line.get_xdata()) == EVAL_STEPS
+        mean_curve = np.mean([[e["eval_accuracy"] for e in run_eval(d)] for d in two_arms
+                              if d.name.startswith(arm + "-s")], axis=0)
+        np.testing.assert_allclose(line.get_ydata(), mean_curve, rtol=1e-12)
+    heat_axes = [a for a in saved_figures["mi_heatmap.png"].axes if a.get_title()]  # not the colorbar
+    assert [a.get_title() for a in heat_axes] == ["baseline", "gauss-w0.1"]
+    for a in heat_axes:
+        v_PS = a.collections[0].get_array()
+        assert v_PS.shape == (len(PAIRS), 11)  # MI logged every 20 steps, 0..200
+        assert list(np.flatnonzero(np.ma.getmaskarray(v_PS))) == [1 * 11 + 10]  # pair 1 at step 200
+        arm_runs = [d for d in two_arms if d.name.startswith(a.get_title() + "-s")]
+        first = np.mean([[json.loads(r)[f"mi/{p}"] for p in PAIRS]
+                         for d in arm_runs for r in (d / "metrics.jsonl").read_text().splitlines()[:1]], axis=0)
+        np.testing.assert_allclose(v_PS[:, 0], first, rtol=1e-12)  # step 0 column
+    bars = [p.get_height() for p in saved_figures["final_mi_by_arm.png"].axes[0].patches]
+    np.testing.assert_allclose(sorted(bars), sorted(v for arm in ("baseline", "gauss-w0.1")
+                                                    for v in expect["arms"][arm]["mi_pair"].values()), rtol=1e-9)
     assert summary["baseline"] == "baseline"
     assert summary["metric"] == {"key": "eval_accuracy", "higher_is_better": True}
     assert summary["target"]["value"] == pytest.approx(expect["target"])
@@ -241,12 +283,21 @@ def test_expand_grid_rejects_bad_key(tmp_path):
         expand_grid(bad)
 
 
-def test_mi_heatmap_handles_nan_and_checks_shape(tmp_path):
+def test_mi_heatmap_handles_nan_and_checks_shape(tmp_path, saved_figures):
     v_PS = np.arange(12, dtype=float).reshape(3, 4)
     v_PS[1, 2] = np.nan
     for values in (v_PS, np.full((3, 4), np.nan)):
         p = plots.mi_heatmap(PAIRS, [0, 10, 20, 30], values, tmp_path / "h.png", "t")
         assert p.read_bytes()[:4] == b"\x89PNG"
+        mesh = saved_figures["h.png"].axes[0].collections[0]
+        drawn = mesh.get_array()
+        assert drawn.shape == (3, 4)  # pairs x steps
+        assert np.array_equal(np.ma.getmaskarray(drawn), np.isnan(values))  # NaN cells masked (grey)
+        assert np.array_equal(drawn.filled(-1), np.nan_to_num(values, nan=-1))
+        # cells centered on their steps: edges halfway between them
+        xs = np.unique(mesh.get_coordinates()[..., 0])
+        assert list(xs) == [-5, 5, 15, 25, 35]
+        assert [t.get_text() for t in saved_figures["h.png"].axes[0].get_yticklabels()] == PAIRS
     with pytest.raises(ValueError, match=r"\(3, 4\)"):
         plots.mi_heatmap(PAIRS, [0, 10, 20, 30], np.zeros((4, 3)), tmp_path / "bad.png")
 

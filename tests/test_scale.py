@@ -199,12 +199,19 @@ def test_hooks_keep_only_sampled_tokens_and_recompute_agrees():
     model = build_gpt("gpt-1m", vocab_size=64, seq_len=32)
     model.activation_checkpointing = True
     reg = MIRegularizer(model, ["blocks.*"], sketch_dim=4, tokens_per_sample=3, weight=0.5)
+    block_calls = []
+    for i, block in enumerate(model.blocks):
+        block.register_forward_pre_hook(lambda m, a, i=i: block_calls.append(i))
     x = torch.randint(0, 64, (5, 32))
     reg.set_step(7)
-    logits = model(x)
-    assert {tuple(s.shape) for s in reg._sketches.values()} == {(5 * 3, 4)}  # n x P rows, k dims
-    loss, mi = reg.loss(7)
-    (F.cross_entropy(logits.reshape(-1, 64), x.reshape(-1)) + loss).backward()  # recompute: same tokens
+    # early stop off: the recompute runs each block to its end, so the block hooks fire again
+    with torch.utils.checkpoint.set_checkpoint_early_stop(False):
+        logits = model(x)
+        assert {tuple(s.shape) for s in reg._sketches.values()} == {(5 * 3, 4)}  # n x P rows, k dims
+        loss, mi = reg.loss(7)
+        (F.cross_entropy(logits.reshape(-1, 64), x.reshape(-1)) + loss).backward()  # recompute: same tokens
+    assert block_calls == [0, 1, 2, 3, 3, 2, 1, 0]  # forward, then the recompute in backward
+    assert reg._sketches == {} and reg._fired == []  # the recompute's hooks stored nothing
     # the same values as selecting after projecting all 32 tokens
     reg2 = MIRegularizer(model, ["blocks.*"], sketch_dim=4, tokens_per_sample=3, weight=0.5)
     reg.remove()

@@ -47,25 +47,32 @@ def objective(kind: str, estimator: str, sizes: list[int], rank: int, world: int
     torch.manual_seed(0)
     model = make_mlp(depth) if kind == "mlp" else make_gpt()
     model.activation_checkpointing = checkpointing
+    block_calls = []  # a recompute calls each block again in backward
+    for block in model.blocks:
+        block.register_forward_pre_hook(lambda m, a: block_calls.append(1))
     reg = MIRegularizer(model, ["blocks.*"], estimator=estimator, sketch=sketch, sketch_dim=4,
                         tokens_per_sample=3, weight=0.5, seed=7)
     x_all, y_all = global_batch(kind, sum(sizes))
     torch.manual_seed(1)
     reg.discover(x_all[:2])
+    block_calls.clear()  # count from the training forward on
     lo = sum(sizes[:rank])
     x, y = x_all[lo:lo + sizes[rank]], y_all[lo:lo + sizes[rank]]
-    logits = model(x)
-    task = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum")
-    task = task / (sum(sizes) * (1 if kind == "mlp" else x.shape[1])) * world * task_weight
-    reg_loss, mi = reg.loss(STEP)
-    (task + reg_loss).backward()
+    # early stop off: the recompute runs each block to its end, so the MI hooks fire again
+    with torch.utils.checkpoint.set_checkpoint_early_stop(False):
+        logits = model(x)
+        task = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum")
+        task = task / (sum(sizes) * (1 if kind == "mlp" else x.shape[1])) * world * task_weight
+        reg_loss, mi = reg.loss(STEP)
+        (task + reg_loss).backward()
     named = list(model.named_parameters()) + [("reg." + n, p) for n, p in reg.named_parameters()]
     grads = {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for n, p in named}
     if world > 1:  # what DeepSpeed does: average gradients over data-parallel ranks
         for g in grads.values():
             dist.all_reduce(g)
             g /= world
-    return {"mi": mi, "grads": grads, "task": task.item()}
+    return {"mi": mi, "grads": grads, "task": task.item(), "block_calls": len(block_calls),
+            "sketches_left": len(reg._sketches) + len(reg._fired)}
 
 
 def scenario_rank(rank, world, cases):
@@ -96,12 +103,18 @@ def test_two_ranks_every_estimator_mlp_and_gpt():
     cases += [("mlp", "gaussian", [10, 10], {"sketch": "learned"}),
               ("gpt", "gaussian", [4, 4], {}),
               ("gpt", "infonce", [4, 4], {"sketch": "learned"})]
-    results = run_world(2, scenario_rank, cases)
-    for i, case in enumerate(cases):
+    mi_only = [("mlp", est, [10, 10], {"task_weight": 0.0}) for est in DIFFERENTIABLE]
+    results = run_world(2, scenario_rank, cases + mi_only)
+    for i, case in enumerate(cases + mi_only):
         ref = single([case])[0]
         assert_same([results[0][i], results[1][i]], ref)
-        # the MI term really contributes: its gradient is not negligible
         assert any(v != 0 for v in ref["mi"].values())
+        if case in mi_only:
+            # the MI term alone: its gradient reaches every hooked block (a
+            # detached estimate would leave them at zero) and nothing else
+            for b in range(4):
+                assert ref["grads"][f"blocks.{b}.fc.weight"].abs().max() > 1e-6, (case[1], b)
+            assert not ref["grads"]["head.weight"].any(), case[1]
 
 
 def test_unequal_local_batches_and_three_ranks_two_pairs():
@@ -132,6 +145,8 @@ def test_activation_checkpointing_changes_nothing(kind):
     sizes = [12]
     off = objective(kind, "gaussian", sizes, 0, 1)
     on = objective(kind, "gaussian", sizes, 0, 1, checkpointing=True)
+    assert (off["block_calls"], on["block_calls"]) == (4, 8)  # the recompute ran every block again
+    assert off["sketches_left"] == on["sketches_left"] == 0  # and stored no sketch
     assert on["mi"] == off["mi"]
     for name, g in off["grads"].items():
         torch.testing.assert_close(on["grads"][name], g, rtol=1e-6, atol=1e-7)

@@ -199,17 +199,68 @@ def _zero_run(rank, world, cfg_dict):
     return summary, metrics(cfg.run_dir()) if rank == 0 else None
 
 
+ZERO_COMMON = ("train.steps=30", "train.lr=0.01", "mi.sketch=learned", "train.checkpoint_every=30")
+
+
+@pytest.fixture(scope="module")
+def one_rank_zero0_reference(tmp_path_factory):
+    """The 2-rank runs' reference: 1 rank, ZeRO-0, the same global batch of 32."""
+    from mi_scale.train.worker import run_worker
+
+    cfg = tiny(tmp_path_factory.mktemp("zero0"), "deepspeed.zero_stage=0", "data.batch_size=32", *ZERO_COMMON)
+    run_worker(cfg)
+    return metrics(cfg.run_dir())
+
+
 @pytest.mark.parametrize("stage", [2, 3])
-def test_zero_stages_two_ranks_learn_and_agree_on_mi(tmp_path, stage):
-    cfg = tiny(tmp_path, f"deepspeed.zero_stage={stage}", "train.steps=30", "train.lr=0.01",
-               "mi.sketch=learned", "train.checkpoint_every=30")
+def test_zero_stages_two_ranks_learn_and_agree_on_mi(tmp_path, stage, one_rank_zero0_reference):
+    cfg = tiny(tmp_path, f"deepspeed.zero_stage={stage}", *ZERO_COMMON)
     res = run_world(2, _zero_run, cfg.to_dict())
     (s0, rows), (s1, _) = res
     mi0 = {k: v for k, v in s0.items() if k.startswith("mi/")}
     assert len(mi0) == 3 and mi0 == {k: v for k, v in s1.items() if k.startswith("mi/")}
+    # every step's loss and MI equal the 1-rank ZeRO-0 run on the same global batch
+    ref = one_rank_zero0_reference
+    assert [r["data_batch"] for r in rows] == [r["data_batch"] for r in ref]
+    for ours, theirs in zip(rows, ref, strict=True):
+        for key in ["loss", "task_loss"] + [k for k in theirs if k.startswith("mi/")]:
+            assert ours[key] == pytest.approx(theirs[key], rel=1e-4), (stage, ours["step"], key)
     first = sum(r["task_loss"] for r in rows[:5]) / 5
     last = sum(r["task_loss"] for r in rows[-5:]) / 5
     assert last < first - 0.1, (first, last)
+
+
+def test_grad_accum_on_two_ranks_equals_the_accumulated_batch(tmp_path):
+    """train.grad_accum=2 through DeepSpeed on 2 ranks (micro-batch 8 per rank)
+    takes the same steps as 1 rank on the whole global batch of 32 (weight 0:
+    the MI is measured every step, outside the loss, so the task path is the
+    only one), and its logged MI is the mean over the 2 micro-batches."""
+    from mi_scale.data import ShardedBatches, build_data
+    from mi_scale.train.worker import build_objective, run_worker, seed_everything
+
+    common = ("mi.weight=0", "mi.log_every=1", "train.steps=6", "train.lr=0.01", "train.checkpoint_every=6")
+    cfg = tiny(tmp_path, "data.batch_size=8", "train.grad_accum=2", *common)
+    (_, rows), _ = run_world(2, _zero_run, cfg.to_dict())
+    ref_cfg = tiny(tmp_path, "data.batch_size=32", *common, name="ref")
+    run_worker(ref_cfg)
+    ref = metrics(ref_cfg.run_dir())
+    assert [r["step"] for r in rows] == list(range(1, 7)) and rows[-1]["samples_seen"] == 6 * 32
+    for ours, theirs in zip(rows, ref, strict=True):
+        assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-5), ours["step"]
+    # step 1 runs the initial model: its MI on each micro-batch of 16 global rows, by hand
+    seed_everything(cfg.run.seed)
+    bundle = build_data(cfg.data, cfg.run.seed)
+    objective, _ = build_objective(cfg, bundle, 1)
+    batches = ShardedBatches(bundle.train, 16, 0, 1, cfg.run.seed)  # global batches of 16 = the micro-batches
+    per_micro = []
+    with torch.no_grad():
+        for _ in range(2):
+            b = batches.next_batch()
+            per_micro.append(objective(b["x"], b["y"], 1)[3])
+    assert per_micro[0] != per_micro[1]
+    for pair, value in per_micro[0].items():
+        assert rows[0][f"mi/{pair}"] == pytest.approx((value + per_micro[1][pair]) / 2, rel=1e-5), pair
+    assert rows[0]["mi/blocks.0->blocks.1"] != pytest.approx(ref[0]["mi/blocks.0->blocks.1"], rel=1e-3)
 
 
 @pytest.mark.parametrize("case,expected", [
@@ -226,6 +277,24 @@ def test_bad_inputs_fail_before_training(tmp_path, case, expected):
     assert r.stderr.strip().splitlines()[-1].startswith(expected)
     assert "step " not in r.stdout
     assert not list(tmp_path.rglob("checkpoints/step-*"))
+
+
+def test_gaussian_needs_more_rows_than_joint_sketch_dims(tmp_path):
+    """2*sketch_dim+1 = 9 rows (batch 9 x 1 token) is refused at the first step,
+    naming the three fields that fix it; 10 rows train."""
+    from mi_scale.train.worker import run_worker
+
+    cfg = tiny(tmp_path, "data.batch_size=9", "mi.sketch_dim=4", "train.steps=2", "train.checkpoint_every=1")
+    config_mod.save(cfg, tmp_path / "c.yaml")
+    r = cli("train", str(tmp_path / "c.yaml"), "--launcher", "local")
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines() == [
+        "error: mi.sketch_dim=4: the gaussian estimator needs more than 2*sketch_dim+1=9 sketched rows per step, "
+        "got 9 (global batch x tokens per sample); lower mi.sketch_dim or raise data.batch_size or "
+        "mi.tokens_per_sample"]
+    assert not list(cfg.run_dir().rglob("step-*"))  # stopped before any step or checkpoint
+    ok = tiny(tmp_path, "data.batch_size=10", "mi.sketch_dim=4", "train.steps=1", name="ok")
+    assert run_worker(ok)["steps"] == 1 and len([k for k in metrics(ok.run_dir())[0] if k.startswith("mi/")]) == 3
 
 
 def test_checkpoint_from_another_config_is_refused(tmp_path):
@@ -245,13 +314,20 @@ def test_checkpoint_from_another_config_is_refused(tmp_path):
 def test_tiny_gpt_text_config_under_torchrun(tmp_path):
     cfg = config_mod.load(REPO / "configs" / "tiny-gpt-text.yaml",
                           [f"run.output_dir={tmp_path}", "train.steps=6", "train.eval_every=6",
-                           "train.checkpoint_every=6", "train.log_every=2", "tracking.wandb=disabled"])
+                           "train.checkpoint_every=6", "train.log_every=2", "train.warmup_steps=0",
+                           "tracking.wandb=disabled"])
     config_mod.save(cfg, tmp_path / "gpt.yaml")
     r = _torchrun(tmp_path / "gpt.yaml")
     assert r.returncode == 0, r.stderr[-3000:]
     rows = metrics(cfg.run_dir())
     assert [x["step"] for x in rows] == list(range(1, 7))
-    assert all(x["tokens_per_s"] == pytest.approx(x["samples_per_s"] * 64) for x in rows)
+    for x in rows:  # 2 ranks x batch 16 x seq_len 64 tokens in the step's own time
+        assert x["samples_per_s"] == pytest.approx(2 * 16 / x["step_time_s"], rel=1e-9)
+        assert x["tokens_per_s"] == pytest.approx(2 * 16 * 64 / x["step_time_s"], rel=1e-9)
+        assert x["samples_seen"] == x["step"] * 2 * 16
+    # it learns: a fresh byte-level model starts near log(256) and 6 AdamW steps lower it
+    assert rows[0]["task_loss"] == pytest.approx(math.log(256), abs=0.1)
+    assert rows[-1]["task_loss"] < rows[0]["task_loss"] - 0.5
     assert len([k for k in rows[-1] if k.startswith("mi/")]) == 3  # 4 blocks -> 3 pairs
     ev = metrics(cfg.run_dir(), "eval")[-1]
     assert ev["eval_ppl"] == pytest.approx(math.exp(ev["eval_loss"]), rel=1e-9)
@@ -289,18 +365,21 @@ def test_resume_at_another_world_size_matches_uninterrupted(tmp_path, stage, old
 
 
 def test_resume_refuses_a_world_size_that_cannot_keep_the_global_batch(tmp_path):
-    from mi_scale.errors import UserError
     from mi_scale.train.worker import run_worker
 
     cfg = tiny(tmp_path, "data.batch_size=15", "train.steps=2", "train.checkpoint_every=2")
     run_worker(cfg)
-    with pytest.raises(AssertionError) as e:
-        run_world(2, _train, cfg.to_dict(), True)
-    assert (f"UserError: cluster.num_workers: invalid value 2: checkpoint {cfg.run_dir()}/checkpoints/"
-            f"step-00000002 was trained with a global batch of 15 (data.batch_size=15 x 1 ranks), which 2 ranks "
-            f"cannot split evenly; resume with a world size that divides 15 (e.g. cluster.num_workers in "
-            f"[1, 3, 5, 15]), or start a new run") in str(e.value)
-    assert UserError  # the CLI prints it as one `error:` line (mi_scale.errors.user_errors)
+    before = (cfg.run_dir() / "metrics.jsonl").read_text()
+    # through the CLI and Ray: the workers' refusal reaches the console as one line
+    r = cli("resume", str(cfg.run_dir()), "--set", "cluster.num_workers=2", "--set", "train.steps=4")
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines() == [
+        f"error: cluster.num_workers: invalid value 2: checkpoint {cfg.run_dir()}/checkpoints/"
+        f"step-00000002 was trained with a global batch of 15 (data.batch_size=15 x 1 ranks), which 2 ranks "
+        f"cannot split evenly; resume with a world size that divides 15 (e.g. cluster.num_workers in "
+        f"[1, 3, 5, 15]), or start a new run"]
+    assert (cfg.run_dir() / "metrics.jsonl").read_text() == before  # nothing trained or rewritten
+    assert [p.name for p in (cfg.run_dir() / "checkpoints").glob("step-*")] == ["step-00000002"]
 
 
 class _Payload:

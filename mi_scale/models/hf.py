@@ -55,6 +55,13 @@ class HFCausalLM(nn.Module):
         self.config = hf_model.config
 
     def forward(self, idx_NT: torch.Tensor) -> torch.Tensor:
+        if idx_NT.is_meta:
+            # Shape discovery on the meta device: transformers' (5.x) causal-mask
+            # code reads tensor values (.item()), which meta tensors lack; a 4-D
+            # mask, taken as given, skips it. Real inputs never come here.
+            N, T = idx_NT.shape
+            mask = torch.zeros(N, 1, T, T, device="meta")
+            return self.hf_model(input_ids=idx_NT, attention_mask=mask, use_cache=False).logits
         return self.hf_model(input_ids=idx_NT, use_cache=False).logits
 
     def train(self, mode: bool = True) -> "HFCausalLM":

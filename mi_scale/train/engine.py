@@ -6,8 +6,8 @@ warmup then cosine decay, gradient clipping, ZeRO stage and offload from the
 `deepspeed.extra` merged last so any DeepSpeed key passes through.
 
 At ZeRO-3 the model is built inside `partitioned_init(...)`
-(deepspeed.zero.Init): each layer is sharded as soon as it exists, so no rank
-ever holds the whole model.
+(deepspeed.zero.Init): each layer is sharded as soon as it exists, so no
+rank ever holds the whole model (hf models: only with model.init_from).
 """
 
 from __future__ import annotations
@@ -129,9 +129,11 @@ def deepspeed_config(cfg: Config, world_size: int, shape: ModelShape | None = No
 def partitioned_init(cfg: Config, ds_conf: dict):
     """Context to build the model in: deepspeed.zero.Init at ZeRO-3 (each
     layer sharded as soon as it is constructed), else nothing."""
-    # hf models keep transformers' own init (a pass over the built model);
-    # they are built whole and sharded by deepspeed.initialize
-    if cfg.deepspeed.zero_stage != 3 or cfg.model.kind == "hf":
+    # An hf model from its config alone is built whole (transformers' own
+    # init is a pass over the built model) and sharded by deepspeed.initialize.
+    # With model.init_from every tensor is overwritten, so it is built
+    # partitioned: transformers' init then runs on empty partitions, a no-op.
+    if cfg.deepspeed.zero_stage != 3 or (cfg.model.kind == "hf" and not cfg.model.init_from):
         return contextlib.nullcontext()
     import deepspeed
 

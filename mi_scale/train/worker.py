@@ -66,6 +66,13 @@ def build_objective(cfg: Config, bundle, world: int):
     ds_conf = deepspeed_config(cfg, world, ModelShape.of(twin))
     with partitioned_init(cfg, ds_conf):
         model = build()
+    if cfg.model.init_from:
+        from mi_scale.train import init_from
+        model.init_report = init_from.load(model, cfg.model.kind, cfg.model.init_from)
+        if model.init_report["sha256"]:  # rank 0
+            r = model.init_report
+            console.say(f"[mi-scale] init_from {r['path']}: {r['tensors']} tensors, {r['values'] / 1e6:.2f}M values "
+                        f"in {r['seconds']:.1f} s, sha256 {r['sha256']}")
     model.activation_checkpointing = cfg.train.activation_checkpointing
     layers = cfg.mi.layers
     if cfg.model.kind == "hf" and layers == ["blocks.*"]:
@@ -211,6 +218,11 @@ def run_worker(cfg: Config, resume: bool = False, on_checkpoint=None, stop_flag=
     if rank == 0:
         console.phase("workers set up", detail=f"{t_mark - t_setup:.1f} s: " + ", ".join(parts))
     last_eval: dict = {}
+    if cfg.model.init_from and start_step == 0:  # where the loaded weights start
+        last_eval = evaluate(engine, bundle.test, cfg, rank, world)
+        if tracker is not None:
+            tracker.log(0, last_eval)
+            console.say("eval  init   | " + " | ".join(f"{k} {v:.4f}" for k, v in last_eval.items() if k != "split"))
     stop.install_handlers()  # a no-op off the main thread (Ray installs them: network.py's backend)
     stopping = stop.StopAgreement(stop_flag)
     interrupted = None
