@@ -186,3 +186,18 @@ def _write_tokenizer(cfg: config_mod.Config, out: Path) -> str:
 
     AutoTokenizer.from_pretrained(cfg.data.tokenizer).save_pretrained(str(out))
     return "hf"
+
+
+def log_model(tracker, run_dir: Path) -> Path:
+    """tracking.log_model: the newest checkpoint exported to RUN_DIR/export/<step>/
+    and logged as a wandb model artifact."""
+    from mi_scale.train.ckpt_reader import pick_checkpoint
+
+    ckpt = pick_checkpoint(Path(run_dir))
+    out = Path(run_dir) / "export" / ckpt.name
+    shutil.rmtree(out, ignore_errors=True)  # our own earlier export of this step (a re-run)
+    summary = export(run_dir, out)
+    name = re.sub(r"[^A-Za-z0-9_.-]", "-", f"{Path(run_dir).name}-model")
+    tracker.log_model(out, name, aliases=[ckpt.name, "latest"],
+                      metadata={k: summary[k] for k in ("step", "kind", "dtype", "tensors", "bytes", "sha256")})
+    return out

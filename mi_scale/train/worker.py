@@ -302,6 +302,9 @@ def run_worker(cfg: Config, resume: bool = False, on_checkpoint=None, stop_flag=
             if signum:
                 interrupted = {"step": done, "signal": signum, "checkpoint": path.name}
                 break
+        if cfg.tracking.log_model and tracker is not None and t.steps > start_step and interrupted is None:
+            from mi_scale.export import log_model
+            log_model(tracker, run_dir)  # the final checkpoint, just written by every rank
     finally:
         if tracker is not None:
             tracker.heatmap(t.steps, force=True)
