@@ -237,11 +237,27 @@ def _process_lost(exc: BaseException) -> bool:
 
 def _describe(exc: BaseException) -> str:
     if _process_lost(exc):
-        # Ray reports only that the process is gone (killed, crashed, or out of memory).
-        return "died (its process was killed or crashed)"
+        return _memory_kill(exc) or "died (its process was killed or crashed)"
     cause = _root_cause(exc)
     text = str(cause).strip().splitlines()
     return f"failed: {type(cause).__name__}: {text[0] if text else ''}"
+
+
+def _memory_kill(exc: BaseException) -> str | None:
+    """Ray's memory monitor kills a worker when the node runs low and puts its
+    figures in the actor's death cause; say so, with them. (The kernel's OOM
+    killer leaves only a SIGKILL: "died" is all that is known then.)"""
+    import re
+
+    text = " ".join(str(e) for e in (exc, getattr(exc, "health_check_failure", None)) if e is not None)
+    if "low on memory" not in text and "OutOfMemoryError" not in text:
+        return None
+    m = re.search(r"Memory on the node \(IP: ([\d.]+)[^)]*\) was ([\d.]+)GB used / ([\d.]+)GB limit", text)
+    figures = f" ({m[2]} of {m[3]} GB in use on node {m[1]})" if m else ""
+    return (f"was killed by Ray for low memory{figures}, above Ray's RAY_memory_usage_threshold (default "
+            f"0.95). Fix: see what each rank "
+            f"holds with `mi-scale plan CONFIG`, then lower data.batch_size, use fewer workers per node "
+            f"(cluster.num_workers) or a higher ZeRO stage")
 
 
 def run(cfg: Config, resume: bool = False, verbose: bool = False, empty_loop: bool = False) -> dict:
@@ -368,6 +384,9 @@ def _describe_final(e: BaseException) -> str:
         rank, cause = _first_failure(errs)
         return f"worker rank {rank} {cause}"
     cause = _root_cause(e)
+    memory = _memory_kill(cause)  # Ray's memory monitor may kill the controller or a helper actor too
+    if memory:
+        return f"a Ray process {memory}"
     text = str(cause).strip().splitlines()
     return f"{type(cause).__name__}: {text[0] if text else ''}"
 
