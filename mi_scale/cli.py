@@ -1,4 +1,5 @@
-"""`mi-scale` command line: train | resume | export | generate | eval | report | bench | sweep | plan | mi-check.
+"""`mi-scale` command line: train | resume | prepare | export | generate | eval | report | bench | sweep | plan |
+mi-check.
 
 Every user error (bad config, missing file, bad checkpoint) prints one
 `error: ...` line naming the field, value and fix, and exits with status 2
@@ -13,7 +14,7 @@ import argparse
 import sys
 
 from mi_scale import console  # noqa: F401  (its clock starts with the command)
-from mi_scale.errors import RunFailed, UserError, user_errors
+from mi_scale.errors import Interrupted, RunFailed, UserError, user_errors
 
 
 def _add_config_args(p: argparse.ArgumentParser, config_required: bool = False) -> None:
@@ -47,6 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override settings that may change on resume (train.steps, cluster.*, tracking.*)")
     _add_launch_args(p)
+
+    p = sub.add_parser("prepare", help="tokenize the config's text once into a token file that training memory-maps")
+    _add_config_args(p, config_required=True)
+    p.add_argument("--num-proc", type=int, default=None,
+                   help="tokenizing processes (default: data.num_proc, else 1 for small text, else the cores)")
+    p.add_argument("--train-tokenizer", type=int, default=None, metavar="VOCAB",
+                   help="first train a byte-level BPE of VOCAB ids on the train split and tokenize with it "
+                        "(saved in Hugging Face format in the prepared directory's tokenizer/)")
 
     p = sub.add_parser("report", help="plots and report.md from one or more run dirs")
     p.add_argument("run_dirs", nargs="+", help="run dirs (or folders holding run dirs)")
@@ -131,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     except RunFailed as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except Interrupted as e:
+        print(str(e), file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -142,6 +154,11 @@ def _dispatch(args) -> int:
     if args.command == "plan":
         from mi_scale import plan
         return plan.run_cli(args)
+    if args.command == "prepare":
+        from mi_scale.data import prepare
+        cfg = config.load(args.config, args.overrides)
+        prepare.run_cli(cfg.data, num_proc=args.num_proc, train_tokenizer=args.train_tokenizer)
+        return 0
     if args.command == "mi-check":
         from mi_scale import mi_check
         mi_check.run(args.out, quick=args.quick, n=args.n)
