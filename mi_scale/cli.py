@@ -1,4 +1,5 @@
-"""`mi-scale` command line: train | resume | export | report | bench | sweep | plan | mi-check.
+"""`mi-scale` command line: train | resume | prepare | export | generate | eval | report | bench | sweep | plan |
+mi-check.
 
 Every user error (bad config, missing file, bad checkpoint) prints one
 `error: ...` line naming the field, value and fix, and exits with status 2
@@ -13,7 +14,7 @@ import argparse
 import sys
 
 from mi_scale import console  # noqa: F401  (its clock starts with the command)
-from mi_scale.errors import RunFailed, UserError, user_errors
+from mi_scale.errors import Interrupted, RunFailed, UserError, user_errors
 
 
 def _add_config_args(p: argparse.ArgumentParser, config_required: bool = False) -> None:
@@ -47,6 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override settings that may change on resume (train.steps, cluster.*, tracking.*)")
     _add_launch_args(p)
+
+    p = sub.add_parser("prepare", help="tokenize the config's text once into a token file that training memory-maps")
+    _add_config_args(p, config_required=True)
+    p.add_argument("--num-proc", type=int, default=None,
+                   help="tokenizing processes (default: data.num_proc, else 1 for small text, else the cores)")
+    p.add_argument("--train-tokenizer", type=int, default=None, metavar="VOCAB",
+                   help="first train a byte-level BPE of VOCAB ids on the train split and tokenize with it "
+                        "(saved in Hugging Face format in the prepared directory's tokenizer/)")
 
     p = sub.add_parser("report", help="plots and report.md from one or more run dirs")
     p.add_argument("run_dirs", nargs="+", help="run dirs (or folders holding run dirs)")
@@ -103,6 +112,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="tensor dtype (default fp32)")
     p.add_argument("--max-shard-size", default="2GB", help="largest safetensors file (default 2GB)")
+    p = sub.add_parser("generate", help="sample text from an LM run or an exported dir")
+    p.add_argument("path", metavar="RUN_DIR|DIR", help="a run dir (newest checkpoint) or a `mi-scale export` dir")
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=1.0, help="0: greedy (default 1.0)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0: all)")
+    p.add_argument("--seed", type=int, default=0, help="same seed, same text")
+
+    p = sub.add_parser("eval", help="loss and perplexity of an LM run or an exported dir")
+    p.add_argument("path", metavar="RUN_DIR|DIR", help="a run dir (newest checkpoint) or a `mi-scale export` dir")
+    p.add_argument("--data", default=None, help="a local text file (default: the run's held-out split)")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward (default 8)")
+    p.add_argument("--batches", type=int, default=0, help="evaluate only the first N batches (0: all)")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="--data window length (default: the run's data.seq_len or the model's context)")
     return parser
 
 
@@ -116,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     except RunFailed as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except Interrupted as e:
+        print(str(e), file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -127,6 +154,11 @@ def _dispatch(args) -> int:
     if args.command == "plan":
         from mi_scale import plan
         return plan.run_cli(args)
+    if args.command == "prepare":
+        from mi_scale.data import prepare
+        cfg = config.load(args.config, args.overrides)
+        prepare.run_cli(cfg.data, num_proc=args.num_proc, train_tokenizer=args.train_tokenizer)
+        return 0
     if args.command == "mi-check":
         from mi_scale import mi_check
         mi_check.run(args.out, quick=args.quick, n=args.n)
@@ -160,6 +192,9 @@ def _dispatch(args) -> int:
         from mi_scale import export
         export.export(args.run_dir, args.out, step=args.step, dtype=args.dtype, max_shard_size=args.max_shard_size)
         return 0
+    if args.command in ("generate", "eval"):
+        from mi_scale import look
+        return look.run_cli(args)
     if args.command == "train":
         cfg = config.load(args.config, args.overrides)  # validate before importing heavy deps
         from mi_scale import launcher

@@ -85,6 +85,13 @@ class DataConfig:
     seq_len: int = 64
     tokenizer: str = "byte"  # "byte" or a local Hugging Face tokenizer path
     test_fraction: float = 0.1  # held-out split when the source has none
+    # LM text: whole documents are held out, drawn with split_seed (not run.seed, so
+    # runs of every seed share one prepared corpus and one validation set)
+    split_seed: int = 0
+    # LM text is tokenized once into a token file under prepared_dir (default: the
+    # user's cache); put it on storage every node sees. Neither blocks a resume.
+    prepared_dir: Optional[str] = None
+    num_proc: Optional[int] = None  # tokenizing processes (default: 1 for small text, else cores)
     batch_size: int = 64  # per-rank micro-batch
     shuffle: bool = True
 
@@ -93,6 +100,9 @@ class DataConfig:
         _check(self.seq_len >= 2, f"{p}.seq_len", self.seq_len, "use seq_len >= 2")
         _check(0.0 < self.test_fraction < 1.0, f"{p}.test_fraction", self.test_fraction,
                "use 0 < test_fraction < 1")
+        _check(self.split_seed >= 0, f"{p}.split_seed", self.split_seed, "use split_seed >= 0")
+        _check(self.num_proc is None or self.num_proc >= 1, f"{p}.num_proc", self.num_proc,
+               "use num_proc >= 1, or leave it unset")
         if self.name in ("files", "hub"):
             _check(bool(self.path), f"{p}.path", self.path,
                    f"data.name={self.name} needs data.path (a local file or a hub dataset id)")
@@ -210,6 +220,9 @@ class TrackingConfig:
     project: str = "mi-scale"
     heatmap_every: int = 100
     progress: bool = True
+    # at the end of training, export the final checkpoint to RUN_DIR/export/
+    # and log it as a wandb model artifact (a reference in offline mode)
+    log_model: bool = False
 
     def validate(self, p: str) -> None:
         _check(self.heatmap_every >= 1, f"{p}.heatmap_every", self.heatmap_every, "use heatmap_every >= 1")
@@ -226,6 +239,9 @@ class ClusterConfig:
     ray_temp_dir: Optional[str] = None  # default: a short dir under /tmp (AF_UNIX path limit)
     # bind gloo/NCCL to the interface of each node's Ray IP unless *_SOCKET_IFNAME is set (network.py)
     bind_interface: bool = True
+    # seconds the driver gives the workers, after Ctrl-C or SIGTERM, to reach a step
+    # boundary and write a checkpoint before it stops at once (SLURM and Kubernetes allow 30)
+    stop_grace_s: float = 25.0
 
     def validate(self, p: str) -> None:
         _check(self.num_workers >= 1, f"{p}.num_workers", self.num_workers, "use num_workers >= 1")
@@ -233,6 +249,7 @@ class ClusterConfig:
                "use cpus_per_worker >= 1")
         _check(self.max_failures >= -1, f"{p}.max_failures", self.max_failures,
                "use max_failures >= 0 (or -1 for unlimited)")
+        _check(self.stop_grace_s > 0, f"{p}.stop_grace_s", self.stop_grace_s, "use stop_grace_s > 0 (seconds)")
 
 
 @dataclass
@@ -247,6 +264,9 @@ class FaultConfig:
     # rank fail_rank stops making progress once, at the start of this step, until
     # the process is killed (a test's fixed point at which to kill the driver)
     stall_at_step: Optional[int] = None
+    # rank fail_rank waits at the start of this step until it is told to stop
+    # (a signal, or the driver's stop request): a test's fixed point for a stop signal
+    wait_for_stop_at_step: Optional[int] = None
 
 
 @dataclass
@@ -271,6 +291,10 @@ class Config:
                "the matched-gradient control cannot run at deepspeed.zero_stage=3: use stage 0, 1 or 2")
         _check(self.mi.control == "none" or self.mi.weight != 0, "mi.weight", self.mi.weight,
                "mi.control=deep_supervision matches the MI term's gradient at mi.weight: set a nonzero weight")
+        _check(not self.tracking.log_model or self.model.kind in ("gpt", "hf"), "tracking.log_model",
+               self.tracking.log_model, "exported models are language models: use it with model.kind gpt or hf")
+        _check(not self.tracking.log_model or self.tracking.wandb != "disabled", "tracking.log_model",
+               self.tracking.log_model, "the artifact goes to wandb: set tracking.wandb=offline or online")
         return self
 
     def to_dict(self) -> dict:
@@ -285,7 +309,8 @@ class Config:
         cluster settings may change."""
         d = self.to_dict()
         keys = {f"{sec}.{k}": v for sec in ("model", "data", "mi") for k, v in d[sec].items()
-                if (sec, k) not in {("mi", "log_every"), ("mi", "on_nonfinite")}}
+                if (sec, k) not in {("mi", "log_every"), ("mi", "on_nonfinite"), ("data", "prepared_dir"),
+                                    ("data", "num_proc")}}
         keys.update({f"train.{k}": d["train"][k] for k in ("lr", "weight_decay", "grad_accum", "precision")})
         keys.update({"deepspeed.zero_stage": d["deepspeed"]["zero_stage"], "run.seed": d["run"]["seed"]})
         return keys

@@ -7,6 +7,7 @@ ray: mi_scale.orchestrate runs cluster.num_workers workers through Ray Train.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from mi_scale import config as config_mod
@@ -15,13 +16,17 @@ from mi_scale.config import Config, ConfigError
 
 # Settings that may change when a run resumes; everything else must match.
 RESUMABLE = ("train.steps", "train.eval_every", "train.log_every", "train.checkpoint_every",
-             "train.keep_last", "train.eval_batches", "tracking.", "cluster.", "fault.", "mi.log_every")
+             "train.keep_last", "train.eval_batches", "tracking.", "cluster.", "fault.", "mi.log_every",
+             "data.prepared_dir", "data.num_proc")
 
 
 def launch(cfg: Config, launcher: str = "ray", address: str | None = None, resume: bool = False,
            verbose: bool = False) -> int:
     if address is not None:
         cfg.cluster.address = address
+    if os.environ.get("RANK", "0") == "0":  # one process per launch; ranks then only open it
+        from mi_scale.data.prepare import prepare_for_run
+        prepare_for_run(cfg.data, say=console.say)
     if launcher == "local":
         summary = _run_local(cfg, resume, verbose)
     else:
@@ -34,8 +39,6 @@ def launch(cfg: Config, launcher: str = "ray", address: str | None = None, resum
 def _run_local(cfg: Config, resume: bool, verbose: bool) -> dict:
     """The worker in this process; its library output goes to logs/rank-R.log
     unless verbose, our lines (rank 0) to the console."""
-    import os
-
     console.quiet_libraries(verbose)
     if not verbose:
         for k, v in console.library_env(cfg.cluster.use_gpu).items():
@@ -45,10 +48,16 @@ def _run_local(cfg: Config, resume: bool, verbose: bool) -> dict:
         console.log_dir(cfg.run_dir()) / f"rank-{rank}.log", keep_console=rank == 0)
     from mi_scale.train.worker import run_worker
     try:
-        return run_worker(cfg, resume=resume)
+        summary = run_worker(cfg, resume=resume)
     finally:
         if capture is not None:
             capture.close()
+    if "interrupted" in summary:  # a signal: all ranks stopped at one step boundary (train/stop.py)
+        from mi_scale.errors import Interrupted
+        from mi_scale.train.stop import interrupted_line
+        stopped = summary["interrupted"]
+        raise Interrupted(interrupted_line(stopped["step"], stopped["checkpoint"], cfg.run_dir()), stopped["signal"])
+    return summary
 
 
 def resume(run_dir: str, overrides: list[str], launcher: str = "ray", address: str | None = None,

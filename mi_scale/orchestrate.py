@@ -32,7 +32,7 @@ from pathlib import Path
 
 from mi_scale import console
 from mi_scale.config import Config, ConfigError, from_dict
-from mi_scale.errors import RunFailed, user_errors
+from mi_scale.errors import Interrupted, RunFailed, user_errors
 
 
 def _check_address(address: str) -> None:
@@ -183,7 +183,9 @@ def _train_on_worker(cfg: Config, loop_config: dict, rank: int) -> None:
         ray.train.report({"step": step, **headline},
                          checkpoint=Checkpoint.from_directory(str(path)) if rank == 0 else None)
 
-    run_worker(cfg, resume=resume, on_checkpoint=on_checkpoint)
+    summary = run_worker(cfg, resume=resume, on_checkpoint=on_checkpoint, stop_flag=loop_config["stop_flag"])
+    if rank == 0 and "interrupted" in summary:
+        console.event("interrupted", **summary["interrupted"])
 
 
 def _callbacks(queue, retries: int) -> list:
@@ -235,11 +237,27 @@ def _process_lost(exc: BaseException) -> bool:
 
 def _describe(exc: BaseException) -> str:
     if _process_lost(exc):
-        # Ray reports only that the process is gone (killed, crashed, or out of memory).
-        return "died (its process was killed or crashed)"
+        return _memory_kill(exc) or "died (its process was killed or crashed)"
     cause = _root_cause(exc)
     text = str(cause).strip().splitlines()
     return f"failed: {type(cause).__name__}: {text[0] if text else ''}"
+
+
+def _memory_kill(exc: BaseException) -> str | None:
+    """Ray's memory monitor kills a worker when the node runs low and puts its
+    figures in the actor's death cause; say so, with them. (The kernel's OOM
+    killer leaves only a SIGKILL: "died" is all that is known then.)"""
+    import re
+
+    text = " ".join(str(e) for e in (exc, getattr(exc, "health_check_failure", None)) if e is not None)
+    if "low on memory" not in text and "OutOfMemoryError" not in text:
+        return None
+    m = re.search(r"Memory on the node \(IP: ([\d.]+)[^)]*\) was ([\d.]+)GB used / ([\d.]+)GB limit", text)
+    figures = f" ({m[2]} of {m[3]} GB in use on node {m[1]})" if m else ""
+    return (f"was killed by Ray for low memory{figures}, above Ray's RAY_memory_usage_threshold (default "
+            f"0.95). Fix: see what each rank "
+            f"holds with `mi-scale plan CONFIG`, then lower data.batch_size, use fewer workers per node "
+            f"(cluster.num_workers) or a higher ZeRO stage")
 
 
 def run(cfg: Config, resume: bool = False, verbose: bool = False, empty_loop: bool = False) -> dict:
@@ -256,10 +274,11 @@ def run(cfg: Config, resume: bool = False, verbose: bool = False, empty_loop: bo
     import ray
     from ray.util.queue import Queue
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     from mi_scale.network import BoundTorchConfig
+    from mi_scale.stopping import DriverSignals
+    from mi_scale.train.stop import StopFlag
 
+    _Trainer = _trainer_class()
     check_cluster(cfg)
     run_dir = cfg.run_dir().resolve()
     cfg.run.output_dir = str(run_dir.parent)  # workers may start in another cwd
@@ -270,13 +289,15 @@ def run(cfg: Config, resume: bool = False, verbose: bool = False, empty_loop: bo
     c = cfg.cluster
     queue = Queue(actor_options={"num_cpus": 0})
     relay = console.Relay(queue, c.max_failures)
+    stop_flag = ray.remote(num_cpus=0)(StopFlag).remote()
+    signals = DriverSignals(stop_flag, c.stop_grace_s)
     relay.handle({"event": "phase", "name": "ray ready", "at": t_ray,
                   "detail": "embedded local cluster" if not c.address else c.address})
     try:
-        trainer = TorchTrainer(
+        trainer = _Trainer(
             _empty_loop if empty_loop else _train_loop,
             train_loop_config={"cfg": cfg.to_dict(), "resume": resume, "verbose": verbose, "queue": queue,
-                               "run_token": uuid.uuid4().hex[:12]},
+                               "run_token": uuid.uuid4().hex[:12], "stop_flag": stop_flag},
             scaling_config=ScalingConfig(num_workers=c.num_workers, use_gpu=c.use_gpu,
                                          resources_per_worker={"CPU": c.cpus_per_worker}),
             torch_config=BoundTorchConfig(backend="nccl" if c.use_gpu else "gloo", bind_interface=c.bind_interface,
@@ -291,9 +312,16 @@ def run(cfg: Config, resume: bool = False, verbose: bool = False, empty_loop: bo
                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_last),
                 callbacks=_callbacks(queue, c.max_failures)),
         )
-        result = trainer.fit()
+        with signals:
+            result = trainer.fit()
         if result.error is not None:
             raise result.error
+    except KeyboardInterrupt:
+        if not signals.signum:
+            raise
+        why = f"cluster.stop_grace_s={c.stop_grace_s:g} s ran out" if signals.expired else "a second Ctrl-C"
+        raise Interrupted(f"stopped at once ({why}): the steps since the latest checkpoint are lost; resume with "
+                          f"mi-scale resume {run_dir}", signals.signum) from None
     except Exception as e:  # surface the user's error, not Ray's wrapper
         # Every failure, start-up ones included, keeps its full trace in driver.log.
         logging.getLogger("mi_scale").error("training failed", exc_info=e)
@@ -310,7 +338,22 @@ def run(cfg: Config, resume: bool = False, verbose: bool = False, empty_loop: bo
         if started:
             ray.shutdown()
     _print_phases(relay.phases)
+    if relay.interrupted is not None:
+        from mi_scale.train.stop import interrupted_line
+        stopped = relay.interrupted
+        raise Interrupted(interrupted_line(stopped["step"], stopped["checkpoint"], run_dir), stopped["signal"])
     return {} if empty_loop else _summary_from_run_dir(run_dir)
+
+
+def _trainer_class():
+    from ray.train.torch import TorchTrainer
+
+    class Trainer(TorchTrainer):
+        def _register_sigint_handler(self, controller):
+            """Ray Train's own Ctrl-C handler aborts the run without a checkpoint;
+            ours (mi_scale/stopping.py) stays in place instead."""
+
+    return Trainer
 
 
 def _workers_unavailable(cfg: Config, cause: BaseException):
@@ -341,6 +384,9 @@ def _describe_final(e: BaseException) -> str:
         rank, cause = _first_failure(errs)
         return f"worker rank {rank} {cause}"
     cause = _root_cause(e)
+    memory = _memory_kill(cause)  # Ray's memory monitor may kill the controller or a helper actor too
+    if memory:
+        return f"a Ray process {memory}"
     text = str(cause).strip().splitlines()
     return f"{type(cause).__name__}: {text[0] if text else ''}"
 

@@ -33,6 +33,10 @@ stage3.py, then measured):
                activation checkpointing: the block inputs, one recomputed block.
     MI term    per hooked layer the sampled tokens (B P d p) and sketches
                (B P k fp32, all-gathered to W B P k), with their gradients.
+    data       LM: the epoch's sample order (8 B per sample) and one batch of
+               windows (int64, x and y); the token file itself is read through
+               the page cache, shared by a node's ranks and reclaimable, so it
+               is a note, not a line. Classification: the arrays in memory.
     runtime    on CPU: python + torch + deepspeed + data + process group
                (host memory on a GPU node, never device memory).
 
@@ -111,7 +115,7 @@ DS_PARAM_SWAP_BUFFER_SIZE = 100_000_000
 AIO_ALIGN = 1 * MiB  # swap buffers are rounded up to the aio block
 
 KEYS = ("params", "gradients", "optimizer_state", "optimizer_step", "activations", "mi_sketches",
-        "comm_buffers", "swap_buffers", "runtime", "cuda_context")
+        "comm_buffers", "swap_buffers", "runtime", "cuda_context", "data")
 PHASES = ("init", "forward_backward", "optimizer_step")
 PHASE_NAMES = {"init": "start-up", "forward_backward": "forward/backward", "optimizer_step": "optimizer step"}
 
@@ -306,6 +310,29 @@ def mi_bytes(cfg: Config, m: ModelFacts, world: int, p: int) -> int:
     return sum(per_layer) + projections
 
 
+def data_bytes(cfg: Config, m: ModelFacts) -> tuple[int, str]:
+    """Host bytes of a rank's data, and a note on the page cache (LM) or None."""
+    d = cfg.data
+    if m.kind == "mlp":  # classification: x float32 + y int64, train + test, in memory
+        n = {"mnist1d": 5000, "digits": 1797}.get(d.name)
+        if n is None:
+            return 0, f"data: the table {d.path} is held in memory (rows x (features x 4 B + 8 B)); not counted"
+        return n * (m.input_dim * 4 + 8), ""
+    from mi_scale.data import prepare
+    from mi_scale.data.windows import batch_bytes
+
+    prepared = prepare.find_prepared(d) if d.name in ("text", "files", "hub") else None
+    if prepared is None:
+        return batch_bytes(d.batch_size, d.seq_len, 2), (
+            "data: not prepared yet (`mi-scale prepare CONFIG`), so the sample order's 8 B per "
+            "sample is not counted")
+    samples = prepared.tokens("train") // (d.seq_len + 1)
+    on_disk = sum((prepared.path / f).stat().st_size for f in ("train.bin", "test.bin"))
+    return samples * 8 + batch_bytes(d.batch_size, d.seq_len, prepared.dtype.itemsize), (
+        f"data: {_fmt(on_disk)} of tokens in {prepared.path}, read through the page cache (shared by "
+        f"the node's ranks, reclaimable; not counted above)")
+
+
 # -- the plan ---------------------------------------------------------------------
 
 @dataclass
@@ -460,6 +487,10 @@ def _rank_memory(cfg: Config, target: Target, m: ModelFacts, ds: dict, p: int):
 
     act = activation_bytes(m, cfg.data.batch_size, p, cfg.train.activation_checkpointing)
     mi = mi_bytes(cfg, m, W, p)
+    data, data_note = data_bytes(cfg, m)
+    put("host", ALL, "data", data)
+    if data_note:
+        notes.append(data_note)
 
     def backward_peak(grads: int) -> None:
         """Gradients fill while activations drain (measured: the backward's peak

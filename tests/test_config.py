@@ -92,7 +92,7 @@ def test_cli_exits_nonzero_with_one_line_error():
     assert r.stderr.strip() == "error: mi.wieght: unknown field (did you mean 'weight'?)"
 
 
-COMMANDS = ["train", "resume", "report", "sweep", "bench", "mi-check", "plan", "export"]
+COMMANDS = ["train", "resume", "prepare", "report", "sweep", "bench", "mi-check", "plan", "export", "generate", "eval"]
 
 
 def test_cli_help_lists_subcommands(capsys):
@@ -141,13 +141,13 @@ def _fields(cfg) -> list[str]:
 BASE = config.load(None, [])
 # the checkpoint's identity: model, data, MI term (but its logging) and the optimizer
 IDENTITY = [k for k in _fields(BASE) if k.split(".")[0] in ("model", "data", "mi")
-            and k not in ("mi.log_every", "mi.on_nonfinite")]
+            and k not in ("mi.log_every", "mi.on_nonfinite", "data.prepared_dir", "data.num_proc")]
 IDENTITY += ["train.lr", "train.weight_decay", "train.grad_accum", "train.precision", "deepspeed.zero_stage",
              "run.seed"]
 # what README says may change on resume
 RESUMABLE = [k for k in _fields(BASE) if k.split(".")[0] in ("tracking", "cluster", "fault")]
 RESUMABLE += ["train.steps", "train.eval_every", "train.log_every", "train.checkpoint_every", "train.keep_last",
-              "train.eval_batches", "mi.log_every"]
+              "train.eval_batches", "mi.log_every", "data.prepared_dir", "data.num_proc"]
 # neither: not part of the checkpoint's identity, yet `resume --set` refuses them
 NEITHER = ["run.name", "run.group", "run.output_dir", "mi.on_nonfinite", "train.warmup_steps",
            "train.min_lr_ratio", "train.grad_clip", "train.activation_checkpointing", "deepspeed.offload_optimizer",

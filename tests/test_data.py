@@ -85,13 +85,16 @@ def test_text_corpus_lm_targets_are_shifted_inputs():
     assert (b.task, b.vocab_size, b.seq_len, b.input_dim) == ("lm", 256, 32, None)
     raw = CORPUS_PATH.read_bytes()
     assert 300_000 <= len(raw) <= 600_000
-    n = len(raw) // 33
-    assert len(b.train) + len(b.test) == n and len(b.test) == int(np.ceil(n * 0.1))
+    train_tokens = b.train.tokens.shape[0]
+    test_tokens = b.test.tokens.shape[0]
+    # whole paragraphs are held out (test_prepare.py checks which); both splits are 33-byte chunks
+    assert len(b.train) == train_tokens // 33 and len(b.test) == test_tokens // 33
+    assert 0.05 < test_tokens / (train_tokens + test_tokens) < 0.15
     for x, y in (xy(b.train), xy(b.test)):
         assert x.dtype == y.dtype == torch.int64 and x.shape[1] == y.shape[1] == 32
         assert torch.equal(y[:, :-1], x[:, 1:])
-    # every example is one of the corpus's non-overlapping 33-byte chunks
-    assert lm_rows(b) == sorted(raw[i * 33:(i + 1) * 33] for i in range(n))
+    # every example is corpus text (paragraphs joined by the blank-line separator)
+    assert all(part in raw for row in lm_rows(b)[::50] for part in row.split(b"\n\n"))
 
 
 def test_path_on_bundled_source_is_rejected():
@@ -104,15 +107,18 @@ def test_path_on_bundled_source_is_rejected():
 
 
 def test_jsonl_text_file_is_byte_lm(tmp_path):
-    docs = ["hello world, " * 20, "second document " * 15]
+    docs = ["hello world, " * 20, "second document " * 15, "a third one here " * 12]
     path = tmp_path / "docs.jsonl"
     path.write_text("".join(json.dumps({"body": d, "id": i}) + "\n" for i, d in enumerate(docs)))
     b = build_data(DataConfig(name="files", path=str(path), text_field="body", seq_len=16,
                               test_fraction=0.2), seed=0)
-    stream = "\n\n".join(docs).encode()  # documents joined by a blank line
-    n = len(stream) // 17
-    assert b.task == "lm" and len(b.train) + len(b.test) == n and len(b.test) == int(np.ceil(0.2 * n))
-    assert lm_rows(b) == sorted(stream[i * 17:(i + 1) * 17] for i in range(n))
+    # ceil(0.2 x 3) = 1 whole document held out; the other two joined by a blank line
+    held = next(d for d in docs if d.encode() == bytes(b.test.tokens.tolist()))
+    stream = "\n\n".join(d for d in docs if d != held).encode()
+    assert b.task == "lm" and len(b.train) == len(stream) // 17 and len(b.test) == len(held) // 17
+    x, y = xy(b.train)
+    assert [bytes(torch.cat([xi, yi[-1:]]).tolist()) for xi, yi in zip(x, y)] == [
+        stream[i * 17:(i + 1) * 17] for i in range(len(stream) // 17)]
 
 
 def test_csv_table_is_classification(tmp_path):
@@ -150,7 +156,7 @@ def test_hf_tokenizer_from_local_path(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    text = "the cat sat on the mat . a dog ran to the cat . " * 10
+    text = "\n\n".join(["the cat sat on the mat . a dog ran to the cat ."] * 20)  # 20 paragraphs
     tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.train_from_iterator([text], trainers.WordLevelTrainer(special_tokens=["[UNK]", "<eos>"]))
@@ -160,9 +166,13 @@ def test_hf_tokenizer_from_local_path(tmp_path):
 
     b = build_data(DataConfig(name="files", path=str(tmp_path / "a.txt"), seq_len=8,
                               tokenizer=str(tmp_path / "tok")), seed=0)
-    ids = fast(text, add_special_tokens=False)["input_ids"]
+    ids = fast("the cat sat on the mat . a dog ran to the cat .", add_special_tokens=False)["input_ids"]
     assert b.vocab_size == len(fast) == 12  # 10 words + 2 specials
-    assert len(b.train) + len(b.test) == len(ids) // 9
+    # 18 train and 2 held-out paragraphs of 14 ids, joined by <eos>
+    assert len(ids) == 14
+    assert (b.train.tokens.shape[0], b.test.tokens.shape[0]) == (18 * 14 + 17, 2 * 14 + 1)
+    assert len(b.train) == (18 * 14 + 17) // 9
+    assert b.train.tokens[:15].tolist() == ids + [fast.eos_token_id]
     x, y = xy(b.train)
     assert torch.equal(y[:, :-1], x[:, 1:])
 

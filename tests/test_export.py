@@ -203,3 +203,79 @@ def test_init_from_refuses_missing_unexpected_and_misshapen_tensors(tmp_path):
         f"(blocks.1.mlp.fc.bias), unexpected 1 (transformer.extra.weight), shape mismatch 1 (blocks.1.attn.proj.weight "
         f"(33, 32) in the file, (32, 32) in the model); point init_from at weights of this architecture and shape "
         f"(model.preset or model.hf_name_or_path, data.seq_len, data.tokenizer)")
+
+
+# -- generate and eval ------------------------------------------------------------
+
+
+def test_generate_greedy_equals_transformers_and_sampling_is_seeded(trained, tmp_path, capsys):
+    import transformers
+
+    run_dir, res = trained
+    out = tmp_path / "gpt2"
+    assert _export(run_dir, out, capsys=capsys)[0] == 0
+    prompt = "def "
+
+    def gen(path, *extra):
+        code = cli.main(["generate", str(path), "--prompt", prompt, "--max-new-tokens", "12", *extra])
+        text = capsys.readouterr().out
+        assert code == 0 and text.endswith("\n")
+        return text[:-1]
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    ids = torch.tensor([list(prompt.encode())])
+    ref = model.generate(ids, max_new_tokens=12, do_sample=False, attention_mask=torch.ones_like(ids))
+    expected = bytes(ref[0].tolist()).decode("utf-8", errors="replace")
+    assert gen(run_dir, "--temperature", "0") == expected  # our GPT from the checkpoint
+    assert gen(out, "--temperature", "0") == expected  # the export through transformers
+    sampled = gen(out, "--seed", "3", "--top-k", "20")
+    assert gen(run_dir, "--seed", "3", "--top-k", "20") == sampled  # same seed, same text, either source
+    assert gen(out, "--seed", "4", "--top-k", "20") != sampled
+
+    # eval: the run's own held-out batches give the run's final eval loss
+    assert cli.main(["eval", str(run_dir), "--batch-size", "8", "--batches", "2"]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("eval  ") and f" on the run's held-out split: loss {res['summary']['eval_loss']:.4f} | " in line
+    assert line.endswith(" | 256 tokens")  # 2 batches x 8 windows x 16 tokens
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 8)
+    losses = []
+    for path in (run_dir, out):
+        assert cli.main(["eval", str(path), "--data", str(text)]) == 0
+        line = capsys.readouterr().out.strip()
+        assert line.endswith(" | 336 tokens")  # 360 bytes: 21 windows of 16 + 1
+        losses.append(line.split(": loss ")[1])
+    assert losses[0] == losses[1]  # our GPT on the checkpoint, transformers on the export
+    assert cli.main(["generate", str(tmp_path), "--prompt", "x"]) == 2
+    assert capsys.readouterr().err.startswith(f"error: RUN_DIR|DIR: invalid value '{tmp_path}': neither")
+
+
+# -- tracking.log_model ---------------------------------------------------------------
+
+
+def test_log_model_exports_the_final_checkpoint_as_a_wandb_reference_artifact(tmp_path):
+    from wandb_reader import artifacts
+
+    cfg = _cfg(tmp_path, "train.steps=1", "deepspeed.zero_stage=2", "tracking.wandb=offline",
+               "tracking.log_model=true", "run.name=logged")
+    run_world(1, _init_run, cfg.to_dict())
+    out = cfg.run_dir() / "export" / "step-00000001"
+    files = sorted(p.name for p in out.iterdir())
+    assert "model-00001-of-00001.safetensors" in files and "config.json" in files
+    [run_file] = (cfg.run_dir() / "wandb").glob("offline-run-*/run-*.wandb")
+    [art] = artifacts(run_file)
+    assert (art.type, art.name, sorted(art.aliases)) == ("model", "logged-model", ["latest", "step-00000001"])
+    entries = {e.path: e for e in art.manifest.contents}
+    assert sorted(entries) == files  # a reference to every exported file, nothing copied
+    safetensors = entries["model-00001-of-00001.safetensors"]
+    assert safetensors.ref == f"file://{(out / 'model-00001-of-00001.safetensors').resolve()}"
+    assert safetensors.size == (out / "model-00001-of-00001.safetensors").stat().st_size
+    assert json.loads(art.metadata)["sha256"] == json.loads((out / "mi_scale_export.json").read_text())["sha256"]
+
+
+def test_log_model_needs_a_language_model_and_wandb():
+    with pytest.raises(config_mod.ConfigError, match=r"^tracking.log_model: invalid value True: the artifact "
+                                                     r"goes to wandb: set tracking.wandb=offline or online$"):
+        config_mod.load(None, ["model.kind=gpt", "tracking.wandb=disabled", "tracking.log_model=true"])
+    with pytest.raises(config_mod.ConfigError, match=r"^tracking.log_model: invalid value True: exported models"):
+        config_mod.load(None, ["model.kind=mlp", "tracking.log_model=true"])

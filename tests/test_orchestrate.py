@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -167,3 +168,20 @@ def test_bad_cluster_settings_fail_fast(tmp_path):
         f"error: cluster.address: cannot reach 'ray://127.0.0.1:{port}' ([Errno 111] Connection refused); check "
         f"the head node is up and the port is open, or leave cluster.address unset for an embedded local Ray"]
     assert not (tmp_path / "toomany").exists() and not (tmp_path / "unreachable").exists()
+
+
+def test_a_kill_for_low_memory_is_named_with_the_figures_and_the_fix(tmp_path):
+    """Ray's own memory monitor, with its threshold set below what the node already
+    uses, kills a process of the run for real (no memory is consumed for it)."""
+    r = subprocess.run([PY, "-m", "mi_scale.cli", "train", str(write_cfg(tmp_path, "oom", "cluster.max_failures=0"))],
+                       capture_output=True, text=True, cwd=REPO, timeout=600,
+                       env={**env(), "RAY_memory_usage_threshold": "0.02", "RAY_memory_monitor_refresh_ms": "100"})
+    assert r.returncode == 1
+    (line,) = r.stderr.strip().splitlines()
+    m = re.fullmatch(r"error: training failed: (a Ray process|worker rank \d) was killed by Ray for low memory "
+                     r"\(([\d.]+) of ([\d.]+) GB in use on node [\d.]+\), above Ray's RAY_memory_usage_threshold "
+                     r"\(default 0\.95\)\. Fix: see what each rank holds with `mi-scale plan CONFIG`, then lower "
+                     r"data\.batch_size, use fewer workers per node \(cluster\.num_workers\) or a higher ZeRO stage, "
+                     r"after 0 of cluster\.max_failures=0 restarts; full trace in .*", line)
+    assert m, line
+    assert 0 < float(m[2]) < float(m[3])

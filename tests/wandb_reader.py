@@ -64,3 +64,8 @@ def run_id(path: Path) -> str:
         if rec.WhichOneof("record_type") == "run":
             return rec.run.run_id
     raise AssertionError(f"no run record in {path}")
+
+
+def artifacts(path: Path) -> list:
+    """The ArtifactRecord protos logged in the run file."""
+    return [rec.artifact for rec in records(path) if rec.WhichOneof("record_type") == "artifact"]

@@ -1,30 +1,31 @@
-"""`build_data`: a `DataConfig` and a seed -> train/test datasets plus task facts.
+"""`build_data`: a `DataConfig` and a seed -> train/test splits plus task facts.
 
-Every bundle holds two torch-formatted `datasets.Dataset`s with columns
-  classify: x float32 (input_dim,), y int64 class id
-  lm:       x int64 (seq_len,),    y int64 (seq_len,) = next tokens of x
+Every split serves {"x", "y"} batches to `ShardedBatches`:
+  classify: x float32 (input_dim,), y int64 class id; in memory (small sources)
+  lm:       x int64 (seq_len,),    y int64 (seq_len,) = next tokens of x; windows
+            of a prepared token file on disk (prepare.py, windows.py)
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal, Optional
+from typing import Any, Callable, Literal, Optional
 
 import datasets
 import numpy as np
 
-from . import sources
+from . import prepare, sources
 from .errors import DataError
 from .hub import load_hub
-from .tokens import chunk_for_lm, encode_documents, load_tokenizer
-
-TEST_SPLITS = ("test", "validation", "valid")
+from .prepare import TEST_SPLITS
+from .tokens import load_tokenizer
+from .windows import TokenWindows
 
 
 @dataclass
 class DataBundle:
-    train: datasets.Dataset
-    test: datasets.Dataset
+    train: Any  # datasets.Dataset (classify) or TokenWindows (lm)
+    test: Any
     task: Literal["classify", "lm"]
     input_dim: Optional[int] = None  # classify
     num_classes: Optional[int] = None  # classify
@@ -33,9 +34,11 @@ class DataBundle:
     tokenizer: Any = None  # lm: encode/decode, e.g. for printing samples
 
 
-def build_data(cfg, seed: int) -> DataBundle:
-    """cfg: mi_scale.config.DataConfig. The seed only picks held-out splits;
-    sources with their own test split (mnist1d, most hub sets) ignore it."""
+def build_data(cfg, seed: int, say: Callable[[str], None] = print) -> DataBundle:
+    """cfg: mi_scale.config.DataConfig. The seed only picks the held-out split of
+    classification tables; language-model text is held out by whole documents
+    drawn with data.split_seed (prepare.py), and sources with their own test
+    split (mnist1d, most hub sets) use it. `say` gets the data preparation's lines."""
     if cfg.name in ("mnist1d", "digits", "text") and cfg.path is not None:
         raise DataError(f"data.path: {cfg.path!r} is not used by data.name={cfg.name}: "
                         f"remove data.path, or use data.name=files data.path={cfg.path}")
@@ -46,13 +49,15 @@ def build_data(cfg, seed: int) -> DataBundle:
         train, test = _split(sources.digits(), cfg, seed)
         return _classify_bundle(train, test, num_classes=10)
     if cfg.name == "text":
-        return _lm_bundle({"train": sources.corpus()}, "text", cfg, seed)
+        return _lm_bundle(cfg, say)
+    if cfg.name in ("files", "hub") and prepare.find_prepared(cfg) is not None:
+        return _lm_bundle(cfg, say)  # prepared already: the source is not read at all
     if cfg.name == "files":
         raw, fmt = sources.local_files(cfg.path, cfg.format)
         # the text builder always names its column "text"
-        return _table_bundle(raw, "text" if fmt == "text" else cfg.text_field, cfg, seed)
+        return _table_bundle(raw, "text" if fmt == "text" else cfg.text_field, cfg, seed, say)
     if cfg.name == "hub":
-        return _table_bundle(load_hub(cfg.path), cfg.text_field, cfg, seed)
+        return _table_bundle(load_hub(cfg.path), cfg.text_field, cfg, seed, say)
     raise DataError(f"data.name: unknown source {cfg.name!r}: use mnist1d, digits, text, files or hub")
 
 
@@ -86,30 +91,23 @@ def _classify_bundle(train, test, num_classes: int) -> DataBundle:
                       task="classify", input_dim=len(train[0]["x"]), num_classes=num_classes)
 
 
-def _lm_bundle(raw: dict, text_field: str, cfg, seed: int) -> DataBundle:
-    tokenizer = load_tokenizer(cfg.tokenizer)
-
-    def convert(ds: datasets.Dataset) -> datasets.Dataset:
-        x, y = chunk_for_lm(encode_documents(ds[text_field][:], tokenizer), cfg.seq_len)
-        if len(x) == 0:
-            raise DataError(f"data.seq_len={cfg.seq_len}: the text has fewer than seq_len+1 "
-                            f"tokens, so no training sequence fits: lower data.seq_len or add text")
-        return datasets.Dataset.from_dict({"x": x, "y": y})
-
-    train, test = _train_test(raw, cfg, seed, convert)
-    return DataBundle(train=train.with_format("torch"), test=test.with_format("torch"),
-                      task="lm", vocab_size=tokenizer.vocab_size, seq_len=cfg.seq_len,
-                      tokenizer=tokenizer)
+def _lm_bundle(cfg, say) -> DataBundle:
+    prepared = prepare.ensure_prepared(cfg, say=say)
+    vocab = prepared.meta["vocab_size"]
+    train, test = (TokenWindows(prepared.path / f"{split}.bin", prepared.dtype, prepared.tokens(split),
+                                cfg.seq_len, vocab) for split in ("train", "test"))
+    return DataBundle(train=train, test=test, task="lm", vocab_size=vocab, seq_len=cfg.seq_len,
+                      tokenizer=load_tokenizer(cfg.tokenizer))
 
 
 # ----------------------------------------------------------------------------
 # tables from files or the hub: a text column -> lm, a label column -> classify
 
 
-def _table_bundle(raw: datasets.DatasetDict, text_field: str, cfg, seed: int) -> DataBundle:
+def _table_bundle(raw: datasets.DatasetDict, text_field: str, cfg, seed: int, say) -> DataBundle:
     columns = raw["train"].column_names if "train" in raw else []
     if text_field in columns:
-        return _lm_bundle(raw, text_field, cfg, seed)
+        return _lm_bundle(cfg, say)
     if cfg.label_field in columns:
         labels = _label_encoder(raw, cfg.label_field)
 

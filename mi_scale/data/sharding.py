@@ -22,23 +22,21 @@ import datasets
 import torch
 
 from .errors import DataError
+from .windows import TensorColumns, TokenWindows
 
 
-def _as_tensors(dataset) -> dict[str, torch.Tensor]:
-    """All columns as in-memory tensors. Indexing a torch-formatted Dataset per
-    batch costs a row-wise arrow conversion; one conversion up front is cheap
-    for datasets that fit in memory, and fetching a batch becomes a gather."""
+def as_source(dataset) -> TensorColumns | TokenWindows:
+    """What `ShardedBatches` reads from: token windows on disk as they are; a
+    `datasets.Dataset` or a dict of arrays as in-memory columns. Indexing a
+    torch-formatted Dataset per batch costs a row-wise Arrow conversion; one
+    conversion up front is cheap for the small sources held in memory."""
+    if isinstance(dataset, (TokenWindows, TensorColumns)):
+        return dataset
     if isinstance(dataset, datasets.Dataset):
-        columns = dataset.with_format("torch")[:]
-    elif isinstance(dataset, Mapping):
-        columns = dict(dataset)
-    else:
-        raise TypeError(f"expected a datasets.Dataset or a dict of tensors, got {type(dataset).__name__}")
-    tensors = {k: torch.as_tensor(v) for k, v in columns.items()}
-    sizes = {len(v) for v in tensors.values()}
-    if len(sizes) != 1:
-        raise ValueError(f"columns have different lengths: { {k: len(v) for k, v in tensors.items()} }")
-    return tensors
+        return TensorColumns(dataset.with_format("torch")[:])
+    if isinstance(dataset, Mapping):
+        return TensorColumns(dataset)
+    raise TypeError(f"expected token windows, a datasets.Dataset or a dict of tensors, got {type(dataset).__name__}")
 
 
 class ShardedBatches:
@@ -50,8 +48,8 @@ class ShardedBatches:
             raise DataError(f"data.batch_size={batch_size}: use batch_size >= 1")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
-        self.tensors = _as_tensors(dataset)
-        self.num_samples = len(next(iter(self.tensors.values())))
+        self.source = as_source(dataset)
+        self.num_samples = len(self.source)
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.seed, self.shuffle, self.drop_last = seed, shuffle, drop_last
         if self.batches_per_epoch < 1:
@@ -93,7 +91,7 @@ class ShardedBatches:
         self.batch_in_epoch += 1
         if self.batch_in_epoch == self.batches_per_epoch:
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-        return {k: v[idx] for k, v in self.tensors.items()}
+        return self.source.take(idx)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         return self

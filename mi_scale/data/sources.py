@@ -92,14 +92,16 @@ def digits() -> datasets.Dataset:
     return _features_dataset(d.data / 16.0, d.target)  # pixel intensities are 0..16
 
 
-def corpus() -> datasets.Dataset:
-    """The bundled corpus as one document (see corpus/README.md)."""
-    return datasets.Dataset.from_dict({"text": [CORPUS_PATH.read_text(encoding="utf-8")]})
+def corpus_paragraphs() -> datasets.Dataset:
+    """The bundled corpus, one document per paragraph (split at blank lines): whole
+    documents can then be held out. With the byte tokenizer, whose separator is a
+    blank line, the joined stream is the file's text."""
+    text = CORPUS_PATH.read_text(encoding="utf-8")
+    return datasets.Dataset.from_dict({"text": [p for p in text.split("\n\n") if p]})
 
 
-def local_files(path: str, fmt: str | None) -> tuple[datasets.DatasetDict, str]:
-    """json/jsonl/csv/parquet/text file(s) (a path or a glob) via `datasets.load_dataset`.
-    Returns the splits (just "train") and the format used."""
+def resolve_files(path: str, fmt: str | None) -> tuple[list[str], str]:
+    """The file(s) a path or glob names, and their format (data.format or the suffix)."""
     matches = sorted(glob.glob(path)) if any(c in path for c in "*?[") else [path]
     missing = [p for p in matches if not Path(p).is_file()]
     if not matches or missing:
@@ -116,9 +118,17 @@ def local_files(path: str, fmt: str | None) -> tuple[datasets.DatasetDict, str]:
             raise DataError(
                 f"data.format: cannot infer the format of {path!r} from its suffix {suffix!r}: "
                 f"set data.format to one of {', '.join(sorted(BUILDERS))}")
+    return matches, fmt
+
+
+def local_files(path: str, fmt: str | None) -> tuple[datasets.DatasetDict, str]:
+    """json/jsonl/csv/parquet/text file(s) (a path or a glob) via `datasets.load_dataset`
+    (an Arrow cache, memory-mapped). Returns the splits (just "train") and the format used."""
+    matches, fmt = resolve_files(path, fmt)
     builder = BUILDERS[fmt]
-    # text files stay whole documents (line breaks kept) so the LM sees the real text
-    kwargs = {"sample_by": "document"} if builder == "text" else {}
+    # text files: one document per paragraph (blank-line separated, line breaks kept), so
+    # that whole documents can be held out and the LM sees the real text
+    kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
     try:
         return datasets.load_dataset(builder, data_files=matches, **kwargs), fmt
     except Exception as e:  # parser errors come in many types; all mean "bad file"

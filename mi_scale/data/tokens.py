@@ -1,7 +1,7 @@
 """Tokenizers and next-token chunking for language-model data.
 
 A tokenizer here is anything with `vocab_size`, `separator` (ids placed
-between documents), `encode(text) -> list/array of ids` and `decode(ids)`.
+between documents), `encode(text)`, `encode_batch(texts)` and `decode(ids)`.
 """
 
 from __future__ import annotations
@@ -25,6 +25,9 @@ class ByteTokenizer:
     def encode(self, text: str) -> np.ndarray:
         return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64)
 
+    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+        return [np.frombuffer(t.encode("utf-8"), dtype=np.uint8) for t in texts]
+
     def decode(self, ids: Sequence[int]) -> str:
         return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
 
@@ -42,6 +45,10 @@ class HFTokenizer:
         # verbose=False: long documents exceed model_max_length on purpose; we chunk later
         ids = self.tok(text, add_special_tokens=False, verbose=False)["input_ids"]
         return np.asarray(ids, dtype=np.int64)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        # one call for the batch: the Rust tokenizer works through it without Python per text
+        return self.tok(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tok.decode([int(i) for i in ids])
@@ -72,22 +79,22 @@ def load_tokenizer(spec: str):
     return HFTokenizer(tok)
 
 
-def encode_documents(texts: Sequence[str], tokenizer) -> np.ndarray:
-    """One token stream: documents joined by the tokenizer's separator.
-    Empty rows (common in line-split corpora) are skipped."""
-    pieces: list[np.ndarray] = []
-    for i, text in enumerate(t for t in texts if t):
-        if i:
-            pieces.append(np.asarray(tokenizer.separator, dtype=np.int64))
-        pieces.append(np.asarray(tokenizer.encode(text), dtype=np.int64))
-    return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
+EOS = "<|endoftext|>"  # GPT-2's document separator, also ours for trained tokenizers
 
 
-def chunk_for_lm(tokens: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """Non-overlapping chunks of seq_len+1 tokens -> (x, y) with y = x shifted by one.
+def train_bpe(batches, vocab_size: int, out: Path) -> None:
+    """Train a byte-level BPE (GPT-2's scheme) of vocab_size ids on an iterator of
+    lists of texts; save it in Hugging Face format in `out` (self-contained: the
+    directory is all a later load needs). EOS separates documents."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
 
-    The tail that does not fill a chunk is dropped.
-    """
-    n = len(tokens) // (seq_len + 1)
-    chunks = tokens[: n * (seq_len + 1)].reshape(n, seq_len + 1)
-    return chunks[:, :-1].copy(), chunks[:, 1:].copy()
+    if vocab_size < 257 + 1:
+        raise DataError(f"--train-tokenizer {vocab_size}: a byte-level BPE needs at least 258 ids "
+                        f"(256 bytes, {EOS}, one merge): use a larger vocabulary, e.g. 8192")
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator((t for batch in batches for t in batch), vocab_size=vocab_size,
+                            special_tokens=[EOS], show_progress=False)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token=EOS, bos_token=EOS,
+                                  unk_token=EOS, model_max_length=2**31 - 1)
+    tok.save_pretrained(out)

@@ -63,7 +63,7 @@ class Tracker:
             if mi:
                 self.mi_history[row["step"]] = mi
         self.wandb = None
-        mode = wandb_mode(wandb_setting)
+        self.mode = mode = wandb_mode(wandb_setting)
         if mode != "disabled":
             import wandb
 
@@ -112,6 +112,21 @@ class Tracker:
             import wandb
             self.wandb.log({"mi_heatmap": wandb.Image(str(path))}, step=step)
         return path
+
+    def log_model(self, path: Path, name: str, aliases: list[str], metadata: dict) -> None:
+        """An exported model dir as a wandb model artifact: offline, a reference
+        to the local files (wandb records their checksums, copies nothing);
+        online, the files themselves."""
+        if self.wandb is None:
+            return
+        import wandb
+
+        art = wandb.Artifact(name, type="model", metadata=metadata)
+        if self.mode == "offline":
+            art.add_reference(f"file://{Path(path).resolve()}")
+        else:
+            art.add_dir(str(path))
+        self.wandb.log_artifact(art, aliases=aliases)
 
     def close(self) -> None:
         self.metrics.close()
