@@ -14,7 +14,7 @@ import argparse
 import sys
 
 from mi_scale import console  # noqa: F401  (its clock starts with the command)
-from mi_scale.errors import RunFailed, UserError, user_errors
+from mi_scale.errors import Interrupted, RunFailed, UserError, user_errors
 
 
 def _add_config_args(p: argparse.ArgumentParser, config_required: bool = False) -> None:
@@ -144,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     except RunFailed as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except Interrupted as e:
+        print(str(e), file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -239,6 +239,9 @@ class ClusterConfig:
     ray_temp_dir: Optional[str] = None  # default: a short dir under /tmp (AF_UNIX path limit)
     # bind gloo/NCCL to the interface of each node's Ray IP unless *_SOCKET_IFNAME is set (network.py)
     bind_interface: bool = True
+    # seconds the driver gives the workers, after Ctrl-C or SIGTERM, to reach a step
+    # boundary and write a checkpoint before it stops at once (SLURM and Kubernetes allow 30)
+    stop_grace_s: float = 25.0
 
     def validate(self, p: str) -> None:
         _check(self.num_workers >= 1, f"{p}.num_workers", self.num_workers, "use num_workers >= 1")
@@ -246,6 +249,7 @@ class ClusterConfig:
                "use cpus_per_worker >= 1")
         _check(self.max_failures >= -1, f"{p}.max_failures", self.max_failures,
                "use max_failures >= 0 (or -1 for unlimited)")
+        _check(self.stop_grace_s > 0, f"{p}.stop_grace_s", self.stop_grace_s, "use stop_grace_s > 0 (seconds)")
 
 
 @dataclass
@@ -260,6 +264,9 @@ class FaultConfig:
     # rank fail_rank stops making progress once, at the start of this step, until
     # the process is killed (a test's fixed point at which to kill the driver)
     stall_at_step: Optional[int] = None
+    # rank fail_rank waits at the start of this step until it is told to stop
+    # (a signal, or the driver's stop request): a test's fixed point for a stop signal
+    wait_for_stop_at_step: Optional[int] = None
 
 
 @dataclass

@@ -156,6 +156,7 @@ class Relay:
     def __init__(self, queue, retries: int):
         self.queue, self.retries = queue, retries
         self.failure: dict | None = None
+        self.interrupted: dict | None = None  # rank 0's stop (train/stop.py): the driver prints it last
         self.recoveries: list[str] = []
         self.phases: dict[str, float] = {}
         self._stop = threading.Event()
@@ -186,6 +187,9 @@ class Relay:
             if item["name"] in self.phases:
                 return  # a restarted group: its recovery line says enough
             self.phases[item["name"]] = item["at"] - T0
+        elif kind == "interrupted":
+            self.interrupted = item
+            return
         elif kind == "failure":
             self.failure = item  # printed with the step the group resumes from
             return

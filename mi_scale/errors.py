@@ -24,3 +24,12 @@ def user_errors() -> tuple[type[BaseException], ...]:
 class RunFailed(Exception):
     """A run that failed for good (out of retries): one line with the cause and
     where the full trace is; the CLI exits with status 1."""
+
+
+class Interrupted(Exception):
+    """A run stopped by a signal (mi_scale/stopping.py): the CLI prints the
+    line and exits 128 + signal (130 for SIGINT, 143 for SIGTERM)."""
+
+    def __init__(self, line: str, signum: int):
+        super().__init__(line)
+        self.signum = signum

@@ -48,10 +48,16 @@ def _run_local(cfg: Config, resume: bool, verbose: bool) -> dict:
         console.log_dir(cfg.run_dir()) / f"rank-{rank}.log", keep_console=rank == 0)
     from mi_scale.train.worker import run_worker
     try:
-        return run_worker(cfg, resume=resume)
+        summary = run_worker(cfg, resume=resume)
     finally:
         if capture is not None:
             capture.close()
+    if "interrupted" in summary:  # a signal: all ranks stopped at one step boundary (train/stop.py)
+        from mi_scale.errors import Interrupted
+        from mi_scale.train.stop import interrupted_line
+        stopped = summary["interrupted"]
+        raise Interrupted(interrupted_line(stopped["step"], stopped["checkpoint"], cfg.run_dir()), stopped["signal"])
+    return summary
 
 
 def resume(run_dir: str, overrides: list[str], launcher: str = "ray", address: str | None = None,

@@ -114,6 +114,10 @@ class _BoundTorchBackend(_TorchBackend):
             for line in node_lines(infos):
                 backend_config.queue.put({"line": line})
         check_bindings(infos)
+        # Ctrl-C / SIGTERM to a worker: stop at the next step boundary (train/stop.py). Actor
+        # tasks run on the worker's main thread, the only one that may set signal handlers.
+        from mi_scale.train.stop import install_handlers
+        worker_group.execute(install_handlers)
         super().on_start(worker_group, backend_config)
 
 

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from mi_scale import console
 from mi_scale.config import Config, ConfigError, from_dict
-from mi_scale.errors import RunFailed, user_errors
+from mi_scale.errors import Interrupted, RunFailed, user_errors
 
 
 def _check_address(address: str) -> None:
@@ -183,7 +183,9 @@ def _train_on_worker(cfg: Config, loop_config: dict, rank: int) -> None:
         ray.train.report({"step": step, **headline},
                          checkpoint=Checkpoint.from_directory(str(path)) if rank == 0 else None)
 
-    run_worker(cfg, resume=resume, on_checkpoint=on_checkpoint)
+    summary = run_worker(cfg, resume=resume, on_checkpoint=on_checkpoint, stop_flag=loop_config["stop_flag"])
+    if rank == 0 and "interrupted" in summary:
+        console.event("interrupted", **summary["interrupted"])
 
 
 def _callbacks(queue, retries: int) -> list:
@@ -272,10 +274,11 @@ def run(cfg: Config, resume: bool = False, verbose: bool = False, empty_loop: bo
     import ray
     from ray.util.queue import Queue
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     from mi_scale.network import BoundTorchConfig
+    from mi_scale.stopping import DriverSignals
+    from mi_scale.train.stop import StopFlag
 
+    _Trainer = _trainer_class()
     check_cluster(cfg)
     run_dir = cfg.run_dir().resolve()
     cfg.run.output_dir = str(run_dir.parent)  # workers may start in another cwd
@@ -286,13 +289,15 @@ def run(cfg: Config, resume: bool = False, verbose: bool = False, empty_loop: bo
     c = cfg.cluster
     queue = Queue(actor_options={"num_cpus": 0})
     relay = console.Relay(queue, c.max_failures)
+    stop_flag = ray.remote(num_cpus=0)(StopFlag).remote()
+    signals = DriverSignals(stop_flag, c.stop_grace_s)
     relay.handle({"event": "phase", "name": "ray ready", "at": t_ray,
                   "detail": "embedded local cluster" if not c.address else c.address})
     try:
-        trainer = TorchTrainer(
+        trainer = _Trainer(
             _empty_loop if empty_loop else _train_loop,
             train_loop_config={"cfg": cfg.to_dict(), "resume": resume, "verbose": verbose, "queue": queue,
-                               "run_token": uuid.uuid4().hex[:12]},
+                               "run_token": uuid.uuid4().hex[:12], "stop_flag": stop_flag},
             scaling_config=ScalingConfig(num_workers=c.num_workers, use_gpu=c.use_gpu,
                                          resources_per_worker={"CPU": c.cpus_per_worker}),
             torch_config=BoundTorchConfig(backend="nccl" if c.use_gpu else "gloo", bind_interface=c.bind_interface,
@@ -307,9 +312,16 @@ def run(cfg: Config, resume: bool = False, verbose: bool = False, empty_loop: bo
                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_last),
                 callbacks=_callbacks(queue, c.max_failures)),
         )
-        result = trainer.fit()
+        with signals:
+            result = trainer.fit()
         if result.error is not None:
             raise result.error
+    except KeyboardInterrupt:
+        if not signals.signum:
+            raise
+        why = f"cluster.stop_grace_s={c.stop_grace_s:g} s ran out" if signals.expired else "a second Ctrl-C"
+        raise Interrupted(f"stopped at once ({why}): the steps since the latest checkpoint are lost; resume with "
+                          f"mi-scale resume {run_dir}", signals.signum) from None
     except Exception as e:  # surface the user's error, not Ray's wrapper
         # Every failure, start-up ones included, keeps its full trace in driver.log.
         logging.getLogger("mi_scale").error("training failed", exc_info=e)
@@ -326,7 +338,22 @@ def run(cfg: Config, resume: bool = False, verbose: bool = False, empty_loop: bo
         if started:
             ray.shutdown()
     _print_phases(relay.phases)
+    if relay.interrupted is not None:
+        from mi_scale.train.stop import interrupted_line
+        stopped = relay.interrupted
+        raise Interrupted(interrupted_line(stopped["step"], stopped["checkpoint"], run_dir), stopped["signal"])
     return {} if empty_loop else _summary_from_run_dir(run_dir)
+
+
+def _trainer_class():
+    from ray.train.torch import TorchTrainer
+
+    class Trainer(TorchTrainer):
+        def _register_sigint_handler(self, controller):
+            """Ray Train's own Ctrl-C handler aborts the run without a checkpoint;
+            ours (mi_scale/stopping.py) stays in place instead."""
+
+    return Trainer
 
 
 def _workers_unavailable(cfg: Config, cause: BaseException):

@@ -16,9 +16,11 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -332,6 +334,28 @@ def test_slurm_propagates_training_failure_and_stops_ray(tmp_path, stubs):
     env, log, _ = stubs
     r = _run_slurm(tmp_path, env, "my-run.yaml", STUB_RC="3")
     assert r.returncode == 3
+    assert _lines(log / "srun")[-1].endswith("ray stop --force")
+
+
+def test_slurm_passes_its_warning_signal_to_mi_scale(tmp_path, stubs):
+    env, log, bin_dir = stubs
+    assert "#SBATCH --signal=B:TERM@120" in SLURM.read_text().splitlines()
+    _stub(bin_dir, "mi-scale", 'trap \'echo TERM > "$STUB_LOG/term"; exit 143\' TERM; touch "$STUB_LOG/started"; '
+                               'while true; do sleep 0.1; done')
+    (tmp_path / "my-run.yaml").write_text("run:\n  name: my-run\n")
+    env = {**env, "SLURM_JOB_NODELIST": "node1", "SLURMD_NODENAME": "node1", "SLURM_CPUS_PER_TASK": "8",
+           "RAY_HEAD_IP": "10.0.0.1", "STUB_NODES": "node1", "STUB_ALIVE": "1"}
+    proc = subprocess.Popen(["bash", str(SLURM), "my-run.yaml"], cwd=tmp_path, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 30
+    while not (log / "started").exists():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # what SLURM sends to the batch shell (B:)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 143, out + err
+    assert _lines(log / "term") == ["TERM"]
+    assert "[slurm] SIGTERM: asking mi-scale to stop at the next step with a checkpoint" in out.splitlines()
     assert _lines(log / "srun")[-1].endswith("ray stop --force")
 
 

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from mi_scale import __version__, console
 from mi_scale import config as config_mod
 from mi_scale.config import Config
-from mi_scale.train import checkpoint, throughput
+from mi_scale.train import checkpoint, stop, throughput
 from mi_scale.train.dist_env import barrier, device, init_process_group
 from mi_scale.train.tracking import Tracker, truncate_metrics
 
@@ -130,10 +130,12 @@ def _peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def run_worker(cfg: Config, resume: bool = False, on_checkpoint=None) -> dict:
+def run_worker(cfg: Config, resume: bool = False, on_checkpoint=None, stop_flag=None) -> dict:
     """Train on this rank. `on_checkpoint(path, step, metrics)` is the
     orchestrator's hook (Ray reports the checkpoint), called on every rank
-    after each checkpoint. Returns the final summary (same on every rank)."""
+    after each checkpoint; `stop_flag` the driver's stop request (train/stop.py).
+    Returns the final summary (same on every rank); after a stop request it
+    holds "interrupted": {"step", "signal", "checkpoint"}."""
     from mi_scale.data import ShardedBatches, build_data
     from mi_scale.train.engine import build_engine, check_nvme_offload
 
@@ -221,9 +223,14 @@ def run_worker(cfg: Config, resume: bool = False, on_checkpoint=None) -> dict:
         if tracker is not None:
             tracker.log(0, last_eval)
             console.say("eval  init   | " + " | ".join(f"{k} {v:.4f}" for k, v in last_eval.items() if k != "split"))
+    stop.install_handlers()  # a no-op off the main thread (Ray installs them: network.py's backend)
+    stopping = stop.StopAgreement(stop_flag)
+    interrupted = None
     try:
         for step in range(start_step, t.steps):
             _maybe_inject_fault(cfg, run_dir, rank, step)
+            if step == cfg.fault.wait_for_stop_at_step and rank == cfg.fault.fail_rank:
+                stopping.wait_here(run_dir / f".fault-waiting-step{step}-rank{rank}")
             t0 = time.perf_counter()
             pos = batches.state_dict()
             data_batch = pos["epoch"] * batches.batches_per_epoch + pos["batch_in_epoch"]
@@ -271,13 +278,14 @@ def run_worker(cfg: Config, resume: bool = False, on_checkpoint=None) -> dict:
                 if done % t.log_every == 0 or done == t.steps:
                     tracker.progress(done, row)
                 tracker.heatmap(done)
+            signum = stopping.agreed(dev)  # every rank stops at this step boundary, or none
             if done % t.eval_every == 0 or done == t.steps:
                 last_eval = evaluate(engine, bundle.test, cfg, rank, world)
                 if tracker is not None:
                     tracker.log(done, last_eval)
                     console.say(f"eval  {done:>6}/{t.steps} | " + " | ".join(
                         f"{k} {v:.4f}" for k, v in last_eval.items() if k != "split"))
-            if done % t.checkpoint_every == 0 or done == t.steps:
+            if done % t.checkpoint_every == 0 or done == t.steps or signum:
                 meta = {"samples_seen": samples_seen, "world_size": world, "config_hash": cfg.training_hash(),
                         "training_keys": cfg.training_keys(), "wandb_id": tracker.wandb_id if tracker else None,
                         "version": __version__}  # data position and RNG: per rank, in rank-XXXX.pt
@@ -291,7 +299,10 @@ def run_worker(cfg: Config, resume: bool = False, on_checkpoint=None) -> dict:
                                 f"{time.perf_counter() - t_save:.1f} s")
                 if on_checkpoint is not None:
                     on_checkpoint(path, done, {**row, **last_eval})
-        if cfg.tracking.log_model and tracker is not None and t.steps > start_step:
+            if signum:
+                interrupted = {"step": done, "signal": signum, "checkpoint": path.name}
+                break
+        if cfg.tracking.log_model and tracker is not None and t.steps > start_step and interrupted is None:
             from mi_scale.export import log_model
             log_model(tracker, run_dir)  # the final checkpoint, just written by every rank
     finally:
@@ -299,7 +310,10 @@ def run_worker(cfg: Config, resume: bool = False, on_checkpoint=None) -> dict:
             tracker.heatmap(t.steps, force=True)
             tracker.close()
     final_mi = {k: v for k, v in row.items() if k.startswith("mi/")} if t.steps > start_step else {}
-    return {"run_dir": str(run_dir), "steps": t.steps, "world_size": world, **last_eval, **final_mi}
+    summary = {"run_dir": str(run_dir), "steps": t.steps, "world_size": world, **last_eval, **final_mi}
+    if interrupted is not None:
+        summary["interrupted"] = interrupted
+    return summary
 
 
 def _maybe_inject_fault(cfg: Config, run_dir: Path, rank: int, step: int) -> None:
