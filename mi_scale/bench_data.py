@@ -105,12 +105,12 @@ def run(out_dir: str = "runs/bench", corpus_mb: float = 300, train_mb: list[floa
     config_mod.save(config_mod.load(Path(__file__).parent.parent / "configs" / "tiny-gpt-text.yaml", []),
                     config_path)
     big = corpus(corpus_mb)
-    # the BPE: trained once on a 20 MiB sample (how a user would: prepare --train-tokenizer)
-    sample = corpus(20)
+    # the BPE: trained once on a sample of up to 20 MiB (as a user would: prepare --train-tokenizer)
+    sample = corpus(min(20.0, corpus_mb))
     r, _ = _run_measured(prepare_cmd(sample, work / "bpe", "--train-tokenizer", str(bpe_vocab)), env)
     _check(r)
     bpe_dir = re.search(r"data\.tokenizer=(\S+)", r.stdout)[1]
-    print(f"[bench data] BPE of {bpe_vocab} ids trained on 20 MiB: {bpe_dir}", flush=True)
+    print(f"[bench data] BPE of {bpe_vocab} ids trained on {min(20.0, corpus_mb):g} MiB: {bpe_dir}", flush=True)
     _check(_run_measured([sys.executable, "-c", f"import datasets; datasets.load_dataset('json', "
                           f"data_files=[{str(big)!r}])"], env)[0])  # the Arrow cache, for both sides
 

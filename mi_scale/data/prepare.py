@@ -284,17 +284,17 @@ def _explain_rebuild(root: Path, name: str, ident: dict, say) -> None:
 def _load_source(cfg) -> dict[str, datasets.Dataset]:
     """Splits of the source ('train', and 'test' when the source has its own)."""
     if cfg.name == "text":
-        raw = {"train": sources.corpus_paragraphs()}
+        raw, field = {"train": sources.corpus_paragraphs()}, "text"
     elif cfg.name == "files":
         raw, fmt = sources.local_files(cfg.path, cfg.format)
+        field = _text_field(cfg, fmt)
     elif cfg.name == "hub":
-        raw = load_hub(cfg.path)
+        raw, field = load_hub(cfg.path), cfg.text_field
     else:
         raise DataError(f"data.name={cfg.name}: not a language-model source (use text, files or hub)")
     if "train" not in raw:
         raise DataError(f"data.path={cfg.path!r}: the dataset has splits {list(raw)}, none named 'train': "
                         f"use a dataset (or files) with a train split")
-    field = _text_field(cfg, fmt) if cfg.name == "files" else cfg.text_field
     test_name = next((s for s in TEST_SPLITS if s in raw), None)
     out = {"train": raw["train"]} | ({"test": raw[test_name]} if test_name else {})
     for split, ds in out.items():
