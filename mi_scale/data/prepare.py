@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -364,7 +365,10 @@ class _Encode:
         for j in range(1, len(self.separator) + 1):
             is_sep[ends - j] = True
         flat = np.empty(offsets[-1], dtype=self.dtype)
-        flat[~is_sep] = np.concatenate([np.asarray(i, dtype=self.dtype) for i in ids]) if ids else []
+        if ids and isinstance(ids[0], np.ndarray):  # byte tokenizer: one concatenation, one cast
+            flat[~is_sep] = np.concatenate(ids)
+        else:  # lists of ints (Hugging Face tokenizers)
+            flat[~is_sep] = np.fromiter(itertools.chain.from_iterable(ids), dtype=self.dtype, count=int(n_ids.sum()))
         flat[is_sep] = np.tile(self.separator, len(ends))
         column = pa.ListArray.from_arrays(pa.array(offsets, pa.int64()).cast(pa.int32()), pa.array(flat))
         return pa.table({"ids": column})
