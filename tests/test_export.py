@@ -279,3 +279,26 @@ def test_log_model_needs_a_language_model_and_wandb():
         config_mod.load(None, ["model.kind=gpt", "tracking.wandb=disabled", "tracking.log_model=true"])
     with pytest.raises(config_mod.ConfigError, match=r"^tracking.log_model: invalid value True: exported models"):
         config_mod.load(None, ["model.kind=mlp", "tracking.log_model=true"])
+
+
+def _train(rank, world, cfg_dict):
+    from mi_scale.train.worker import run_worker
+    run_worker(config_mod.from_dict(cfg_dict))
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_export_of_zero0_and_zero2_checkpoints_equals_the_zero3_one(trained, tmp_path, capsys, stage):
+    """The same training at another ZeRO stage: its checkpoint's layout differs
+    (whole module / fp32 slices per rank), the exported weights agree."""
+    from safetensors.torch import load_file
+
+    run_dir, _ = trained
+    cfg = _cfg(tmp_path, f"deepspeed.zero_stage={stage}", f"run.name=z{stage}")
+    run_world(2, _train, cfg.to_dict())
+    weights = []
+    for i, src in enumerate((run_dir, cfg.run_dir())):
+        assert _export(src, tmp_path / f"out{i}", capsys=capsys)[0] == 0
+        weights.append({k: v for f in sorted((tmp_path / f"out{i}").glob("*.safetensors")) for k, v in load_file(f).items()})
+    assert weights[0].keys() == weights[1].keys() and len(weights[0]) == 52
+    for name, w in weights[0].items():
+        torch.testing.assert_close(weights[1][name], w, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
