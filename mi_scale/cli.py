@@ -14,7 +14,7 @@ import argparse
 import sys
 
 from mi_scale import console  # noqa: F401  (its clock starts with the command)
-from mi_scale.errors import Interrupted, RunFailed, UserError, user_errors
+from mi_scale.errors import Interrupted, RunFailed, UserFixableError
 
 
 def _add_config_args(p: argparse.ArgumentParser, config_required: bool = False) -> None:
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return _dispatch(args)
-    except user_errors() as e:
+    except UserFixableError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except RunFailed as e:
@@ -169,11 +169,8 @@ def _dispatch(args) -> int:
         return 0
     if args.command == "report":
         from mi_scale import report
-        try:
-            path = report.write_report(args.run_dirs, args.out, target_accuracy=args.target_accuracy,
-                                        target_ppl=args.target_ppl)
-        except report.ReportError as e:
-            raise UserError(str(e)) from None
+        path = report.write_report(args.run_dirs, args.out, target_accuracy=args.target_accuracy,
+                                   target_ppl=args.target_ppl)
         print(f"wrote {path}")
         return 0
     if args.command == "bench":
