@@ -21,8 +21,10 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from mi_scale.errors import UserFixableError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserFixableError, ValueError):
     """A user-fixable configuration problem; the message names field and fix."""
 
 

@@ -2,23 +2,22 @@
 
 Each is printed as one line naming the field, value and fix (exit status 2);
 anything else is a bug and keeps its traceback.
+
+The bottom of the house: this module imports nothing of ours, so every layer
+(mi/ included, which otherwise imports only torch) can subclass its base.
 """
 
 from __future__ import annotations
 
 
-class UserError(Exception):
+class UserFixableError(Exception):
+    """The base of every layer's user-fixable error (ConfigError, DataError,
+    ModelError, RegularizerError, EstimatorError, CheckpointError, ReportError,
+    UserError): the CLI and the orchestrator catch this one class."""
+
+
+class UserError(UserFixableError):
     """An error the user can fix that belongs to no other layer."""
-
-
-def user_errors() -> tuple[type[BaseException], ...]:
-    from mi_scale.config import ConfigError
-    from mi_scale.data import DataError
-    from mi_scale.mi import RegularizerError
-    from mi_scale.mi.estimators import EstimatorError
-    from mi_scale.models.errors import ModelError
-    from mi_scale.train.checkpoint import CheckpointError
-    return (ConfigError, UserError, DataError, ModelError, RegularizerError, EstimatorError, CheckpointError)
 
 
 class RunFailed(Exception):

@@ -11,8 +11,10 @@ built-in GPT as GPT2LMHeadModel, an hf model as its own architecture. Tied
 weights are written once (transformers ties them again on load).
 
 Streaming: tensors are read one at a time from the memory-mapped
-checkpoint (train/ckpt_reader.py) and written one shard at a time, so the
-peak is about one shard plus one tensor. The export is written into a
+checkpoint (train/ckpt_reader.py) and written one at a time into each
+shard, whose header is computed beforehand from the shapes; the checkpoint
+files are unmapped every RELEASE_EVERY bytes read. The peak is about one
+tensor plus those pages, whatever the shard size. The export is written into a
 temporary dir beside --out and renamed into place when complete: a failure
 leaves nothing in --out.
 """
@@ -37,6 +39,7 @@ from mi_scale.errors import UserError
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 INDEX = "model.safetensors.index.json"
 MANIFEST = "mi_scale_export.json"
+RELEASE_EVERY = 256 * 2**20  # bytes of checkpoint read between unmappings of its files
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
@@ -106,8 +109,7 @@ def plan_shards(sizes: list[int], max_bytes: int) -> list[list[int]]:
 
 def export(run_dir: str | Path, out: str | Path, step: int | None = None, dtype: str = "fp32",
            max_shard_size: str = "2GB") -> dict:
-    from safetensors.torch import save_file
-
+    from mi_scale.models.weights import write_safetensors
     from mi_scale.train.ckpt_reader import CheckpointReader, pick_checkpoint
 
     t0 = time.perf_counter()
@@ -139,19 +141,30 @@ def export(run_dir: str | Path, out: str | Path, step: int | None = None, dtype:
     try:
         digest = hashlib.sha256()
         weight_map = {}
-        for k, (shard, fname) in enumerate(zip(shards, files)):
-            tensors = {}
+        read_since_release = 0
+
+        def tensors(shard):
+            nonlocal read_since_release
             for i in shard:
                 src, dst, transpose = names[i]
                 t = reader.tensor(src)
                 t = (t.t() if transpose else t).to(out_dtype).contiguous()
                 digest.update(dst.encode())
                 digest.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
-                tensors[dst] = t
+                yield t
+                read_since_release += reader.shapes[src].numel() * 4
+                if read_since_release > RELEASE_EVERY:  # unmap: the pages read so far leave memory
+                    reader.release()
+                    read_since_release = 0
+
+        for k, (shard, fname) in enumerate(zip(shards, files)):
+            specs = []
+            for i in shard:
+                src, dst, transpose = names[i]
+                shape = reader.shapes[src]
+                specs.append((dst, out_dtype, torch.Size(reversed(shape)) if transpose else shape))
                 weight_map[dst] = fname
-            save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
-            del tensors
-            reader.release()  # the pages read for this shard leave memory with the mapping
+            write_safetensors(tmp / fname, specs, tensors(shard), metadata={"format": "pt"})
             console.say(f"[mi-scale] export: {fname} ({sum(sizes[i] for i in shard) / 1e9:.2f} GB, "
                         f"shard {k + 1}/{len(shards)})")
         (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map},

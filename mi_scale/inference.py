@@ -151,12 +151,12 @@ def evaluate(lm: LoadedLM, x_NT: torch.Tensor, y_NT: torch.Tensor, batch_size: i
 
 
 def text_windows(lm: LoadedLM, path: str, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A local text file as non-overlapping next-token windows."""
-    from mi_scale.data.tokens import chunk_for_lm
-
+    """A local text file as non-overlapping windows of seq_len + 1 tokens (x, and y
+    shifted by one), as the training data cuts them (data/windows.py)."""
     p = Path(path)
     if not p.is_file():
         raise UserError(f"--data: invalid value {path!r}: not a file; pass a local text file")
     ids = np.asarray(lm.tokenizer.encode(p.read_text(encoding="utf-8", errors="replace")), dtype=np.int64)
-    x, y = chunk_for_lm(ids, min(seq_len, lm.max_len))
-    return torch.from_numpy(x), torch.from_numpy(y)
+    width = min(seq_len, lm.max_len) + 1
+    rows = torch.from_numpy(ids[:len(ids) // width * width].reshape(-1, width))
+    return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()

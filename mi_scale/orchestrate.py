@@ -32,7 +32,7 @@ from pathlib import Path
 
 from mi_scale import console
 from mi_scale.config import Config, ConfigError, from_dict
-from mi_scale.errors import Interrupted, RunFailed, user_errors
+from mi_scale.errors import Interrupted, RunFailed, UserFixableError
 
 
 def _check_address(address: str) -> None:
@@ -345,7 +345,7 @@ def run(cfg: Config, resume: bool = False, verbose: bool = False, empty_loop: bo
         # Every failure, start-up ones included, keeps its full trace in driver.log.
         logging.getLogger("mi_scale").error("training failed", exc_info=e)
         cause = _root_cause(e)
-        if isinstance(cause, user_errors()):
+        if isinstance(cause, UserFixableError):
             raise cause from None
         if type(cause).__name__ == "WorkerGroupStartupTimeoutError":  # too few resources
             raise _workers_unavailable(cfg, cause) from None

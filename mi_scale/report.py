@@ -35,6 +35,7 @@ import yaml
 
 from mi_scale import plots
 from mi_scale.config import ConfigError, load as load_config
+from mi_scale.errors import UserFixableError
 
 # Published MNIST-1D test accuracies (Greydanus 2020, default 4000/1000 split),
 # printed next to our shallow MLP as a check on the data and training pipeline.
@@ -45,7 +46,7 @@ _SEED_SUFFIX = re.compile(r"-(?:s|seed)\d+$")
 _PER_RUN_KEYS = ("run.name", "run.seed", "run.group", "run.output_dir")
 
 
-class ReportError(ValueError):
+class ReportError(UserFixableError, ValueError):
     """A user-fixable problem with a run directory; the message names the path."""
 
 

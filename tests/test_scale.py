@@ -271,6 +271,29 @@ def test_nvme_offload_trains_and_resumes(tmp_path):
     assert b == a
 
 
+def _resume(rank, world, cfg_dict):
+    from mi_scale.train.worker import run_worker
+    run_worker(config_mod.from_dict(cfg_dict), resume=True)
+
+
+@pytest.mark.skipif(not _libaio_ok(), reason="NVMe offload needs libaio (make setup installs it as root)")
+def test_nvme_offload_refuses_to_resume_at_another_world_size(tmp_path):
+    from mi_scale.train.worker import run_worker
+
+    cfg = _cfg("deepspeed.zero_stage=3", "deepspeed.offload_optimizer=nvme", "train.steps=2",
+               "train.checkpoint_every=2", "train.eval_every=2", f"run.output_dir={tmp_path}", "run.name=nvme")
+    run_worker(cfg)
+    before = (cfg.run_dir() / "metrics.jsonl").read_text()
+    with pytest.raises(AssertionError) as e:
+        run_world(2, _resume, cfg.to_dict())
+    ckpt = cfg.run_dir() / "checkpoints" / "step-00000002"
+    assert (f"UserError: cluster.num_workers: invalid value 2: checkpoint {ckpt} was written by 1 ranks with NVMe "
+            f"offload, whose optimizer state DeepSpeed cannot reshard; resume with cluster.num_workers=1") \
+        in str(e.value)
+    assert (cfg.run_dir() / "metrics.jsonl").read_text() == before
+    assert not (ckpt / "universal").exists()
+
+
 def test_nvme_offload_without_libaio_is_a_clear_error(tmp_path, monkeypatch):
     from deepspeed.ops.op_builder import AsyncIOBuilder
 

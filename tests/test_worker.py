@@ -392,19 +392,30 @@ class _Payload:
         return (Path.write_text, (Path(self.marker), "code ran"))
 
 
-@pytest.mark.parametrize("target", ["rank-0000.pt", "mp_rank_00_model_states.pt"])
-def test_resume_refuses_a_pickle_payload_without_running_it(tmp_path, target):
-    """Our rank file and DeepSpeed's model file both load as weights_only: a
-    planted payload is refused with a clear error and never runs."""
+def _plant(path: Path, marker: Path) -> None:
+    """Add a pickle payload to a checkpoint file, keeping what it held."""
+    state = torch.load(path, weights_only=False)
+    state = state if isinstance(state, dict) else {"held": state}
+    state["evil"] = _Payload(str(marker))
+    torch.save(state, path)
+
+
+@pytest.mark.parametrize("target,env", [
+    ("rank-0000.pt", {}), ("mp_rank_00_model_states.pt", {}),
+    ("zero_pp_rank_0_mp_rank_00_optim_states.pt", {}),
+    # the switch that turns torch's weights_only default off does not reopen it
+    ("mp_rank_00_model_states.pt", {"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"})],
+    ids=["rank-file", "model-file", "optimizer-file", "model-file-force-no-weights-only-env"])
+def test_resume_refuses_a_pickle_payload_without_running_it(tmp_path, target, env):
+    """Our rank file and DeepSpeed's model and optimizer files all load as
+    weights_only: a planted payload is refused with a clear error and never runs."""
     cfg = tiny(tmp_path, "train.steps=2", "train.checkpoint_every=2", "deepspeed.zero_stage=2")
     from mi_scale.train.worker import run_worker
     run_worker(cfg)
     marker = tmp_path / "pwned"
     path = cfg.run_dir() / "checkpoints" / "step-00000002" / target
-    state = torch.load(path, weights_only=False)
-    state["evil"] = _Payload(str(marker))
-    torch.save(state, path)
-    r = cli("resume", str(cfg.run_dir()), "--launcher", "local", "--set", "train.steps=4")
+    _plant(path, marker)
+    r = cli("resume", str(cfg.run_dir()), "--launcher", "local", "--set", "train.steps=4", env=env)
     assert r.returncode == 2, r.stderr[-2000:]
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: checkpoint file {path} holds objects other than tensors and plain types"
@@ -414,3 +425,80 @@ def test_resume_refuses_a_pickle_payload_without_running_it(tmp_path, target):
                          "you trust (delete this step's folder to fall back to the previous one)")
     assert not marker.exists()
     assert [r["step"] for r in metrics(cfg.run_dir())] == [1, 2]  # nothing trained or rewritten
+
+
+def test_resume_refuses_a_payload_in_rank_1s_file_and_in_the_universal_files(tmp_path):
+    """2 ranks: a payload in rank 1's own file stops both ranks (they agree);
+    resharded onto 1 rank, a payload in the converted universal files is refused."""
+    from mi_scale.train.checkpoint import UnsafeCheckpointError
+    from mi_scale.train.worker import run_worker
+
+    cfg = tiny(tmp_path, "train.steps=2", "train.checkpoint_every=2", "deepspeed.zero_stage=2")
+    run_world(2, _train, cfg.to_dict(), False)
+    step = cfg.run_dir() / "checkpoints" / "step-00000002"
+    marker = tmp_path / "pwned"
+    rank1 = step / "rank-0001.pt"
+    clean = rank1.read_bytes()
+    _plant(rank1, marker)
+    with pytest.raises(AssertionError) as e:
+        run_world(2, _train, cfg.to_dict(), True)
+    assert f"UnsafeCheckpointError: checkpoint file {rank1} holds objects other than tensors" in str(e.value)
+    assert f"UnsafeCheckpointError: checkpoint {step} holds a file another rank refused to unpickle" \
+        in str(e.value)  # rank 0, whose own files were clean
+    assert not marker.exists()
+    rank1.write_bytes(clean)
+    run_worker(config_mod.from_dict(cfg.to_dict()), resume=True)  # 1 rank: converts to universal/, 0 steps
+    universal = sorted((step / "universal").rglob("*.pt"))
+    assert universal
+    _plant(universal[0], marker)
+    with pytest.raises(UnsafeCheckpointError, match=f"^checkpoint file {step} holds objects other than tensors"):
+        run_worker(config_mod.from_dict(cfg.to_dict()), resume=True)
+    assert not marker.exists()
+    assert [r["step"] for r in metrics(cfg.run_dir())] == [1, 2]
+
+
+def test_corrupt_rank_1_file_is_skipped_by_both_ranks(tmp_path):
+    """Only rank 1's file of the newest checkpoint is corrupt: both ranks
+    agree to fall back to the previous one and continue exactly."""
+    from mi_scale.train.checkpoint import complete_checkpoints
+
+    cfg = tiny(tmp_path, "train.steps=10")  # checkpoints at steps 5 and 10
+    run_world(2, _train, cfg.to_dict(), False)
+    uninterrupted = metrics(cfg.run_dir())
+    newest, previous = complete_checkpoints(cfg.run_dir())
+    assert (newest.name, previous.name) == ("step-00000010", "step-00000005")
+    rank1 = newest / "rank-0001.pt"
+    rank1.write_bytes(rank1.read_bytes()[:100])  # truncated
+    run_world(2, _train, cfg.to_dict(), True)  # steps=10: redoes 6..10 from step 5
+    again = metrics(cfg.run_dir())
+    assert [r["step"] for r in again] == list(range(1, 11))
+    assert [r["loss"] for r in again] == [r["loss"] for r in uninterrupted]
+    assert [r["data_batch"] for r in again] == [r["data_batch"] for r in uninterrupted]
+
+
+def test_hf_model_trains_through_the_worker_with_deepspeed_and_mi(tmp_path):
+    """model.kind=hf (a 2-layer GPT-2 from transformers) under ZeRO-2 with the
+    MI term between its blocks: the term is in the loss and the model learns."""
+    transformers = pytest.importorskip("transformers")
+    from mi_scale.train.worker import run_worker
+
+    hf_dir = tmp_path / "tiny-gpt2"
+    transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=256, n_positions=64,
+                            bos_token_id=0, eos_token_id=0).save_pretrained(hf_dir)
+    cfg = tiny(tmp_path, "model.kind=hf", f"model.hf_name_or_path={hf_dir}", "data.name=text", "data.seq_len=16",
+               "data.batch_size=8", "mi.sketch_dim=4", "mi.tokens_per_sample=4", "mi.weight=0.5", "mi.log_every=1",
+               "deepspeed.zero_stage=2", "train.steps=8", "train.lr=0.01", "train.warmup_steps=0",
+               "train.checkpoint_every=8", "train.eval_every=8", "train.eval_batches=1", name="hf")
+    run_worker(cfg)
+    rows = metrics(cfg.run_dir())
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    for r in rows:
+        assert list(k for k in r if k.startswith("mi/")) == ["mi/transformer.h.0->transformer.h.1"]
+        mi = r["mi/transformer.h.0->transformer.h.1"]
+        assert mi > 0 and r["mi_loss"] == pytest.approx(-0.5 * mi, rel=1e-5)  # -weight x MI, in the loss
+        assert r["loss"] == pytest.approx(r["task_loss"] + r["mi_loss"], rel=1e-6)
+    assert rows[0]["task_loss"] == pytest.approx(math.log(256), abs=0.2)
+    assert rows[-1]["task_loss"] < rows[0]["task_loss"] - 0.3
+    states = torch.load(next((cfg.run_dir() / "checkpoints").rglob("mp_rank_00_model_states.pt")),
+                        weights_only=False)["module"]
+    assert "model.transformer.h.0.attn.c_attn.weight" in states  # the objective's model, Hugging Face names

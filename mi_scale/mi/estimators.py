@@ -21,10 +21,12 @@ import math
 import torch
 import torch.nn as nn
 
+from mi_scale.errors import UserFixableError
+
 _EPS = 1e-8
 
 
-class EstimatorError(ValueError):
+class EstimatorError(UserFixableError, ValueError):
     pass
 
 

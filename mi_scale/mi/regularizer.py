@@ -29,12 +29,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from mi_scale.errors import UserFixableError
 from mi_scale.mi import estimators
 from mi_scale.mi.distributed import all_reduce_sum, assign_pairs, gather_rows, world
 from mi_scale.mi.sketch import Sketcher, as_tokens, select_tokens, token_fractions
 
 
-class RegularizerError(ValueError):
+class RegularizerError(UserFixableError, ValueError):
     pass
 
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import difflib
 from typing import Any, Iterable
 
+from mi_scale.errors import UserFixableError
 
-class ModelError(ValueError):
+
+class ModelError(UserFixableError, ValueError):
     """A user-fixable model problem; the message names the field, the value and the fix."""
 
 

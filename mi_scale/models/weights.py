@@ -1,5 +1,5 @@
 """Weight files of a local Hugging Face model directory, read one file and
-one tensor at a time.
+one tensor at a time; safetensors files written one tensor at a time.
 
     src = open_hf_dir(path)          # or None when `path` holds no HF weights
     for file in src.files:           # in order; each file's tensors by name
@@ -136,3 +136,24 @@ def open_hf_dir(path: str | Path) -> HFWeights | None:
             src.release()
         return src
     return None
+
+
+def write_safetensors(path: Path, specs: list[tuple[str, torch.dtype, torch.Size]], tensors, metadata: dict) -> None:
+    """A safetensors file whose header is computed from `specs` (name, dtype,
+    shape) before any data exists, then filled from the iterable `tensors`
+    (in spec order), so only one tensor is in memory at a time."""
+    names = {dtype: name for name, dtype in _ST_DTYPES.items()}
+    header: dict = {"__metadata__": metadata}
+    offset = 0
+    for name, dtype, shape in specs:
+        size = shape.numel() * dtype.itemsize
+        header[name] = {"dtype": names[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as the format's own writer does
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little") + raw)
+        for (name, dtype, shape), t in zip(specs, tensors, strict=True):
+            if t.dtype != dtype or t.shape != shape:
+                raise ValueError(f"{name}: got {t.dtype} {tuple(t.shape)}, the header says {dtype} {tuple(shape)}")
+            f.write(memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()))

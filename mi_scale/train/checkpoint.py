@@ -22,12 +22,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from mi_scale.errors import UserFixableError
 from mi_scale.train.dist_env import barrier, device
 
 META = "mi_scale.json"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserFixableError, RuntimeError):
     """A checkpoint that cannot resume this run; the message says what to do."""
 
 
