@@ -76,11 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override applied to every trial")
 
     p = sub.add_parser("bench", help="side-by-side measurements (ratios from one run)")
-    p.add_argument("what", choices=["mi-overhead", "peak", "scale", "gpu", "startup"],
+    p.add_argument("what", choices=["mi-overhead", "peak", "scale", "gpu", "startup", "data"],
                    help="mi-overhead: step time with MI / without; peak: this CPU's matmul FLOP/s "
                         "(cached for MFU); scale: a GPT ladder at ZeRO-2/3 on 2 ranks (tokens/s, MFU, "
                         "memory); gpu: bf16 GPT training and estimators on a CUDA GPU; startup: command to "
-                        "first step, main job vs Ray's floor")
+                        "first step, main job vs Ray's floor; data: prepare throughput vs the datasets.map floor, "
+                        "batch fetch vs step, per-rank memory on small and large corpora")
     p.add_argument("--steps", type=int, default=20, help="mi-overhead: timed steps per configuration")
     p.add_argument("--ranks", default="1,2", help="mi-overhead: world sizes to measure, e.g. 1,2")
     p.add_argument("--cases", default=None, help="mi-overhead: comma-separated cases (default: mlp,gpt-5m,main)")
@@ -89,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "gpu: default gpt-350m,gpt-1.3b")
     p.add_argument("--seconds", type=float, default=2.0, help="peak: seconds of matmuls per row")
     p.add_argument("--repeats", type=int, default=2, help="startup: runs of each variant (alternated)")
+    p.add_argument("--corpus-mb", type=float, default=300, help="data: MiB of real text for the prepare rows")
+    p.add_argument("--train-mb", default="10,1024", help="data: corpus sizes (MiB) trained on, comma-separated")
+    p.add_argument("--num-procs", default="1,2", help="data: tokenizing processes to compare, comma-separated")
     p.add_argument("--out", default="runs/bench", help="folder for bench.json / bench_scale.json / bench_gpu.json / bench_startup.json")
 
     p = sub.add_parser("mi-check", help="every estimator on tasks with known MI: table + plot")
@@ -176,6 +180,11 @@ def _dispatch(args) -> int:
             bench.peak(seconds=args.seconds)
         elif args.what == "scale":
             bench.scale(out_dir=args.out, sizes=sizes)
+        elif args.what == "data":
+            from mi_scale import bench_data
+            bench_data.run(out_dir=args.out, corpus_mb=args.corpus_mb,
+                           train_mb=[float(x) for x in args.train_mb.split(",")],
+                           num_procs=[int(x) for x in args.num_procs.split(",")])
         elif args.what == "startup":
             bench.startup(repeats=args.repeats, out_dir=args.out)
         elif args.what == "gpu":

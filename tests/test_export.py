@@ -15,7 +15,6 @@ from distributed_helpers import run_world
 from mi_scale import cli
 from mi_scale import config as config_mod
 
-pytestmark = pytest.mark.slow
 
 
 def _cfg(tmp, *extra):
@@ -65,6 +64,7 @@ def _export(run_dir, out, *extra, capsys=None):
     return code, (capsys.readouterr() if capsys else None)
 
 
+@pytest.mark.slow  # real gloo ranks
 def test_export_loads_in_transformers_with_the_training_logits(trained, tmp_path, capsys):
     import transformers
 
@@ -98,6 +98,7 @@ def test_export_loads_in_transformers_with_the_training_logits(trained, tmp_path
     assert 0 < err < 0.02 * res["logits"].abs().max()
 
 
+@pytest.mark.slow  # real gloo ranks
 def test_missing_rank_file_is_one_error_line_and_out_untouched(trained, tmp_path, capsys):
     run_dir, _ = trained
     broken = tmp_path / "broken"
@@ -114,6 +115,7 @@ def test_missing_rank_file_is_one_error_line_and_out_untouched(trained, tmp_path
     assert not out.exists() and not list(tmp_path.glob(".partial-*"))
 
 
+@pytest.mark.slow  # real gloo ranks
 def test_corrupt_file_is_one_error_line_and_out_untouched(trained, tmp_path, capsys):
     run_dir, _ = trained
     broken = tmp_path / "broken"
@@ -146,6 +148,7 @@ def _init_run(rank, world, cfg_dict):
     return rows
 
 
+@pytest.mark.slow  # real gloo ranks
 def test_init_from_export_and_run_dir_start_at_the_runs_final_eval_loss(trained, tmp_path, capfd):
     run_dir, res = trained
     out = tmp_path / "gpt2"
@@ -208,6 +211,7 @@ def test_init_from_refuses_missing_unexpected_and_misshapen_tensors(tmp_path):
 # -- generate and eval ------------------------------------------------------------
 
 
+@pytest.mark.slow  # real gloo ranks
 def test_generate_greedy_equals_transformers_and_sampling_is_seeded(trained, tmp_path, capsys):
     import transformers
 
@@ -253,6 +257,7 @@ def test_generate_greedy_equals_transformers_and_sampling_is_seeded(trained, tmp
 # -- tracking.log_model ---------------------------------------------------------------
 
 
+@pytest.mark.slow  # real gloo ranks
 def test_log_model_exports_the_final_checkpoint_as_a_wandb_reference_artifact(tmp_path):
     from wandb_reader import artifacts
 
@@ -286,6 +291,7 @@ def _train(rank, world, cfg_dict):
     run_worker(config_mod.from_dict(cfg_dict))
 
 
+@pytest.mark.slow  # real gloo ranks
 @pytest.mark.parametrize("stage", [0, 2])
 def test_export_of_zero0_and_zero2_checkpoints_equals_the_zero3_one(trained, tmp_path, capsys, stage):
     """The same training at another ZeRO stage: its checkpoint's layout differs

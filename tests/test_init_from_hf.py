@@ -19,7 +19,6 @@ from distributed_helpers import run_world
 from mi_scale import cli
 from mi_scale import config as config_mod
 
-pytestmark = pytest.mark.slow
 transformers = pytest.importorskip("transformers")
 
 
@@ -78,6 +77,7 @@ def _loss(model, x, y) -> float:
     return float(F.cross_entropy(logits.flatten(0, 1).float(), y.flatten()))
 
 
+@pytest.mark.slow  # real gloo ranks
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_finetune_from_hf_weights_at_zero3_then_export(arch, tmp_path):
     from mi_scale.data import ShardedBatches, build_data
@@ -150,6 +150,7 @@ def _build_partitioned(rank, world, cfg_dict):
     return {"growth": grown, "held": held, "sha256": objective.model.init_report["sha256"]}
 
 
+@pytest.mark.slow  # real gloo ranks
 def test_zero3_build_from_hf_weights_never_holds_the_whole_model(tmp_path):
     from safetensors.torch import load_file
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -284,17 +285,17 @@ def _explain_rebuild(root: Path, name: str, ident: dict, say) -> None:
 def _load_source(cfg) -> dict[str, datasets.Dataset]:
     """Splits of the source ('train', and 'test' when the source has its own)."""
     if cfg.name == "text":
-        raw = {"train": sources.corpus_paragraphs()}
+        raw, field = {"train": sources.corpus_paragraphs()}, "text"
     elif cfg.name == "files":
         raw, fmt = sources.local_files(cfg.path, cfg.format)
+        field = _text_field(cfg, fmt)
     elif cfg.name == "hub":
-        raw = load_hub(cfg.path)
+        raw, field = load_hub(cfg.path), cfg.text_field
     else:
         raise DataError(f"data.name={cfg.name}: not a language-model source (use text, files or hub)")
     if "train" not in raw:
         raise DataError(f"data.path={cfg.path!r}: the dataset has splits {list(raw)}, none named 'train': "
                         f"use a dataset (or files) with a train split")
-    field = _text_field(cfg, fmt) if cfg.name == "files" else cfg.text_field
     test_name = next((s for s in TEST_SPLITS if s in raw), None)
     out = {"train": raw["train"]} | ({"test": raw[test_name]} if test_name else {})
     for split, ds in out.items():
@@ -344,19 +345,33 @@ def _train_tokenizer(source: dict, cfg, vocab: int, out: Path, say) -> None:
 
 
 class _Encode:
-    """datasets.map function: a batch of documents -> token ids, each followed by
-    the separator (the stream's final separator is cut when writing). Empty rows
-    give no tokens. A class, so that num_proc workers can pickle it."""
+    """datasets.map function: a batch of documents (an Arrow table) -> token ids,
+    each document followed by the separator (the stream's final one is cut when
+    writing); empty rows give no tokens. Builds the Arrow list column with numpy
+    rather than row by row. A class, so that num_proc workers can pickle it."""
 
     def __init__(self, tokenizer, field: str, dtype: np.dtype):
         self.tokenizer, self.field, self.dtype = tokenizer, field, dtype
         self.separator = np.asarray(tokenizer.separator, dtype=dtype)
 
-    def __call__(self, batch: dict) -> dict:
-        texts = [t or "" for t in batch[self.field]]
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        texts = [t or "" for t in batch.column(self.field).to_pylist()]
         ids = self.tokenizer.encode_batch(texts)
-        return {"ids": [np.concatenate([np.asarray(i, dtype=self.dtype), self.separator]) if t
-                        else np.zeros(0, dtype=self.dtype) for i, t in zip(ids, texts)]}
+        n_ids = np.fromiter((len(i) for i in ids), dtype=np.int64, count=len(ids))
+        n_sep = np.where(np.fromiter((bool(t) for t in texts), dtype=bool, count=len(texts)), len(self.separator), 0)
+        offsets = np.concatenate([[0], np.cumsum(n_ids + n_sep)])
+        is_sep = np.zeros(offsets[-1], dtype=bool)  # the separator's places: the last n_sep of each row
+        ends = offsets[1:][n_sep > 0]
+        for j in range(1, len(self.separator) + 1):
+            is_sep[ends - j] = True
+        flat = np.empty(offsets[-1], dtype=self.dtype)
+        if ids and isinstance(ids[0], np.ndarray):  # byte tokenizer: one concatenation, one cast
+            flat[~is_sep] = np.concatenate(ids)
+        else:  # lists of ints (Hugging Face tokenizers)
+            flat[~is_sep] = np.fromiter(itertools.chain.from_iterable(ids), dtype=self.dtype, count=int(n_ids.sum()))
+        flat[is_sep] = np.tile(self.separator, len(ends))
+        column = pa.ListArray.from_arrays(pa.array(offsets, pa.int64()).cast(pa.int32()), pa.array(flat))
+        return pa.table({"ids": column})
 
 
 class _SplitWriter:
@@ -415,8 +430,9 @@ def _build(source: dict, cfg, ident: dict, tokenizer_spec: str, out: Path, num_p
     try:
         for name, ds in splits.items():
             for start, stop in _pieces(n_bytes[name]):
-                piece = ds.select(range(start, stop)).map(
-                    encode, batched=True, batch_size=1000, num_proc=num_proc if stop - start > 1000 else None,
+                piece = ds.select(range(start, stop)).with_format("arrow").map(
+                    encode, batched=True, batch_size=1000,
+                    num_proc=num_proc if num_proc > 1 and stop - start > 1000 else None,
                     remove_columns=ds.column_names, features=features, load_from_cache_file=False,
                     cache_file_name=str(out / f"piece-{name}-{start}.arrow"), desc=None)
                 _write_piece(piece, held[start:stop] if held is not None and name == "train" else None,
@@ -467,10 +483,10 @@ def _write_piece(piece: datasets.Dataset, held: np.ndarray | None, train: _Split
     for chunk in piece.data.column("ids").chunks:
         if held is None:
             train.write(chunk)
-        else:
-            mask = pa.array(held[row:row + len(chunk)])
-            train.write(pc.filter(chunk, pc.invert(mask)))
-            test.write(pc.filter(chunk, mask))
+        else:  # split rows by offsets: no per-row work
+            mask = held[row:row + len(chunk)]
+            train.write(chunk.filter(pa.array(~mask)))
+            test.write(chunk.filter(pa.array(mask)))
         row += len(chunk)
 
 
