@@ -244,6 +244,9 @@ class ClusterConfig:
     # seconds the driver gives the workers, after Ctrl-C or SIGTERM, to reach a step
     # boundary and write a checkpoint before it stops at once (SLURM and Kubernetes allow 30)
     stop_grace_s: float = 25.0
+    # a lost node: carry on with the workers the nodes left can hold (node_loss.py), at least min_workers
+    elastic: bool = False
+    min_workers: int = 1
 
     def validate(self, p: str) -> None:
         _check(self.num_workers >= 1, f"{p}.num_workers", self.num_workers, "use num_workers >= 1")
@@ -251,6 +254,8 @@ class ClusterConfig:
                "use cpus_per_worker >= 1")
         _check(self.max_failures >= -1, f"{p}.max_failures", self.max_failures,
                "use max_failures >= 0 (or -1 for unlimited)")
+        _check(1 <= self.min_workers <= self.num_workers, f"{p}.min_workers", self.min_workers,
+               "use 1 <= min_workers <= num_workers")
         _check(self.stop_grace_s > 0, f"{p}.stop_grace_s", self.stop_grace_s, "use stop_grace_s > 0 (seconds)")
 
 
@@ -269,6 +274,8 @@ class FaultConfig:
     # rank fail_rank waits at the start of this step until it is told to stop
     # (a signal, or the driver's stop request): a test's fixed point for a stop signal
     wait_for_stop_at_step: Optional[int] = None
+    # the rank on the node with this IP is fail_rank (a test's way to fault the rank on a given host)
+    fail_node: Optional[str] = None
 
 
 @dataclass

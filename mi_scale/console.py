@@ -157,6 +157,7 @@ class Relay:
         self.queue, self.retries = queue, retries
         self.failure: dict | None = None
         self.interrupted: dict | None = None  # rank 0's stop (train/stop.py): the driver prints it last
+        self.placement: list | None = None  # [node id, ip] of each rank (network.py; node_loss.py)
         self.recoveries: list[str] = []
         self.phases: dict[str, float] = {}
         self._stop = threading.Event()
@@ -187,6 +188,9 @@ class Relay:
             if item["name"] in self.phases:
                 return  # a restarted group: its recovery line says enough
             self.phases[item["name"]] = item["at"] - T0
+        elif kind == "placement":
+            self.placement = item["ranks"]
+            return
         elif kind == "interrupted":
             self.interrupted = item
             return

@@ -58,7 +58,8 @@ def bind_worker(bind: bool, use_gpu: bool) -> dict:
     node_ip = ray.util.get_node_ip_address()
     names = ["GLOO_SOCKET_IFNAME"] + (["NCCL_SOCKET_IFNAME"] if use_gpu else [])
     user = os.environ.get("GLOO_SOCKET_IFNAME")
-    info = {"node_ip": node_ip, "hostname": socket.gethostname(), "interface": user, "how": "user"}
+    info = {"node_ip": node_ip, "node_id": ray.get_runtime_context().get_node_id(),
+            "hostname": socket.gethostname(), "interface": user, "how": "user"}
     if user:
         return info
     iface = interface_of(node_ip) if bind else None
@@ -113,6 +114,7 @@ class _BoundTorchBackend(_TorchBackend):
         if backend_config.queue is not None:
             for line in node_lines(infos):
                 backend_config.queue.put({"line": line})
+            backend_config.queue.put({"event": "placement", "ranks": [[i["node_id"], i["node_ip"]] for i in infos]})
         check_bindings(infos)
         # Ctrl-C / SIGTERM to a worker: stop at the next step boundary (train/stop.py). Actor
         # tasks run on the worker's main thread, the only one that may set signal handlers.

@@ -22,6 +22,7 @@ the step the group resumed from.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -38,6 +39,7 @@ from mi_scale.errors import Interrupted, RunFailed, UserFixableError
 def _check_address(address: str) -> None:
     """Fail in seconds, not minutes, when a cluster address does not answer."""
     if address == "auto":
+        _check_one_cluster_in_sight()
         return
     hostport = address.split("://", 1)[-1]
     host, _, port = hostport.rpartition(":")
@@ -49,6 +51,19 @@ def _check_address(address: str) -> None:
     except OSError as e:
         raise ConfigError(f"cluster.address: cannot reach {address!r} ({e}); check the head node is up and "
                           f"the port is open, or leave cluster.address unset for an embedded local Ray") from None
+
+
+def _check_one_cluster_in_sight() -> None:
+    """`auto` without RAY_ADDRESS: Ray would pick one of several clusters on
+    this machine (the latest started) with only a warning; refuse instead."""
+    if os.environ.get("RAY_ADDRESS"):
+        return
+    from ray._private.services import find_gcs_addresses
+
+    found = sorted(set(find_gcs_addresses()))
+    if len(found) > 1:
+        raise ConfigError(f"cluster.address: 'auto' sees {len(found)} Ray clusters on this machine "
+                          f"({', '.join(found)}): pass --address HOST:PORT (or set RAY_ADDRESS) to pick one")
 
 
 def _temp_dir(cfg: Config) -> str:
@@ -120,6 +135,8 @@ def _train_loop(loop_config: dict) -> None:
     cfg = from_dict(loop_config["cfg"])
     verbose = loop_config["verbose"]
     rank = ray.train.get_context().get_world_rank()
+    if cfg.fault.fail_node is not None:  # test-only: fault the rank on that host, no other
+        cfg.fault.fail_rank = rank if cfg.fault.fail_node == ray.util.get_node_ip_address() else -1
     console.set_sink(loop_config["queue"])
     capture = None if verbose else console.LogCapture(console.log_dir(cfg.run_dir()) / f"rank-{rank}.log",
                                                       keep_console=False)
@@ -154,7 +171,7 @@ def _empty_loop(loop_config: dict) -> None:
 def _train_on_worker(cfg: Config, loop_config: dict, rank: int) -> None:
     import ray.train
 
-    from mi_scale.train.checkpoint import complete_checkpoints
+    from mi_scale.train.checkpoint import META, complete_checkpoints
     from mi_scale.train.worker import run_worker
 
     # Ray restarts the group after a failure by calling this function again:
@@ -169,11 +186,19 @@ def _train_on_worker(cfg: Config, loop_config: dict, rank: int) -> None:
     resume = loop_config["resume"] or restarted or restored is not None
     if restored is not None and not complete_checkpoints(cfg.run_dir()):
         # The run dir lost its checkpoints (e.g. a new node): copy Ray's in.
+        # Ray names its copy checkpoint_<time>; resume looks for the step-N
+        # name the checkpoint records. Copied aside, then renamed: atomic,
+        # and the first rank to finish wins.
         with restored.as_directory() as d:
             src = Path(d)
-            dst = cfg.run_dir() / "checkpoints" / src.name
+            dst = cfg.run_dir() / "checkpoints" / json.loads((src / META).read_text())["tag"]
             if not dst.exists():
-                shutil.copytree(src, dst, dirs_exist_ok=True)
+                partial = dst.parent / f".partial-restore-rank{rank}-{dst.name}"
+                shutil.copytree(src, partial, dirs_exist_ok=True)
+                try:
+                    os.replace(partial, dst)
+                except OSError:  # another rank's copy is already in place
+                    shutil.rmtree(partial, ignore_errors=True)
 
     def on_checkpoint(path: Path, step: int, metrics: dict) -> None:
         from ray.train import Checkpoint
@@ -274,6 +299,7 @@ def run(cfg: Config, resume: bool = False, verbose: bool = False, empty_loop: bo
     import ray
     from ray.util.queue import Queue
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from mi_scale import node_loss
     from mi_scale.network import BoundTorchConfig
     from mi_scale.stopping import DriverSignals
     from mi_scale.train.stop import StopFlag
@@ -291,6 +317,8 @@ def run(cfg: Config, resume: bool = False, verbose: bool = False, empty_loop: bo
     relay = console.Relay(queue, c.max_failures)
     stop_flag = ray.remote(num_cpus=0)(StopFlag).remote()
     signals = DriverSignals(stop_flag, c.stop_grace_s)
+    watch = node_loss.NodeWatch(relay)
+    continue_on = None  # cluster.elastic: the world size to carry on with after a lost node
     relay.handle({"event": "phase", "name": "ray ready", "at": t_ray,
                   "detail": "embedded local cluster" if not c.address else c.address})
     try:
@@ -330,13 +358,24 @@ def run(cfg: Config, resume: bool = False, verbose: bool = False, empty_loop: bo
             raise cause from None
         if type(cause).__name__ == "WorkerGroupStartupTimeoutError":  # too few resources
             raise _workers_unavailable(cfg, cause) from None
-        raise RunFailed(f"training failed: {_describe_final(e)}, after {len(relay.recoveries)} of "
-                        f"cluster.max_failures={c.max_failures} restarts; full trace in "
-                        f"{_trace_files(driver_log, logs)}") from e
+        errors = getattr(e, "worker_failures", None) or {}
+        gone = any(_process_lost(x) or type(x).__name__ == "WorkerHealthCheckFailedError" for x in errors.values())
+        continue_on = node_loss.after_failure(cfg, run_dir, watch, e, gone)
+        if continue_on is None:
+            raise RunFailed(f"training failed: {_describe_final(e)}, after {len(relay.recoveries)} of "
+                            f"cluster.max_failures={c.max_failures} restarts; full trace in "
+                            f"{_trace_files(driver_log, logs)}") from e
     finally:
+        watch.close()
         relay.close()
-        if started:
+        if started and continue_on is None:
             ray.shutdown()
+    if continue_on is not None:
+        try:
+            return node_loss.continue_elastic(cfg, run_dir, continue_on, verbose)
+        finally:
+            if started:
+                ray.shutdown()
     _print_phases(relay.phases)
     if relay.interrupted is not None:
         from mi_scale.train.stop import interrupted_line

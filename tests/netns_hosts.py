@@ -86,14 +86,25 @@ class Hosts:
 
     # -- Ray -------------------------------------------------------------
     def start_ray(self, cpus: int = 1) -> None:
+        self.cpus = cpus
+        for host in (A, B):
+            self.start_node(host)
+
+    def start_node(self, host: str) -> None:
+        """Host A: the head's line; host B: the workers' line (of launch/slurm.sbatch)."""
         head, worker = sbatch_ray_start_lines()
-        env = {**self.env, "RAY_HEAD_IP": A, "RAY_PORT": str(PORT), "CPUS_PER_NODE": str(cpus),
+        env = {**self.env, "RAY_HEAD_IP": A, "RAY_PORT": str(PORT), "CPUS_PER_NODE": str(self.cpus),
                "GPUS_PER_NODE": "0"}
-        for host, line in ((A, head), (B, worker)):
-            log = open(self.tmp / f"ray-node-{host}.log", "w")
-            self.nodes[host] = subprocess.Popen(self.cmd(host, ["bash", "-c", f"exec {line}"]), env=env,
-                                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-            self.wait_for_nodes(1 if host == A else 2)
+        log = open(self.tmp / f"ray-node-{host}.log", "a")
+        line = head if host == A else worker
+        self.nodes[host] = subprocess.Popen(self.cmd(host, ["bash", "-c", f"exec {line}"]), env=env,
+                                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.wait_for_nodes(1 if host == A else 2)
+
+    def restart_b(self) -> None:
+        """Host B back after it was lost: a new Ray node joins at the same address."""
+        self.kill_host(B)
+        self.start_node(B)
 
     def python(self, host: str, code: str, timeout: float = 120) -> str:
         r = subprocess.run(self.cmd(host, [PY, "-c", code]), env=self.env, capture_output=True, text=True,
@@ -134,19 +145,31 @@ class Hosts:
             pids = subprocess.run(["ip", "netns", "pids", self.ns[host]], capture_output=True,
                                   text=True).stdout.split()
             if not pids:
-                return
+                break
             for pid in pids:
                 try:
                     os.kill(int(pid), signal.SIGKILL)
                 except ProcessLookupError:
                     pass
             time.sleep(0.2)
+        if host in self.nodes:
+            self.nodes[host].wait(timeout=10)
+
+    @staticmethod
+    def kill_matching(text: str) -> None:
+        """Every process whose command line holds `text` (a Ray temp dir of ours)."""
+        import psutil
+
+        for p in psutil.process_iter(["pid", "cmdline"]):
+            if any(text in part for part in p.info["cmdline"] or []):
+                try:
+                    p.kill()
+                except psutil.NoSuchProcess:
+                    pass
 
     def close(self) -> None:
         for host in (A, B):
             self.kill_host(host)
-        for p in self.nodes.values():
-            p.wait(timeout=10)
         for ns in self.ns.values():
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
         shutil.rmtree(self.ray_tmp, ignore_errors=True)

@@ -6,8 +6,12 @@ a start-up failure names its cause."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import signal
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -38,6 +42,13 @@ def write_cfg(tmp: Path, name: str, *overrides: str) -> Path:
     path = tmp / f"{name}.yaml"
     config_mod.save(cfg, path)
     return path
+
+
+def losses(run_dir: Path) -> list[float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["split"] == "train"]
+    assert [r["step"] for r in train] == list(range(1, len(train) + 1)), "each step exactly once"
+    return [r["loss"] for r in train]
 
 
 def train_on_a(hosts: Hosts, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -73,3 +84,81 @@ def test_loopback_binding_fails_with_its_cause(hosts, tmp_path):
         in r.stdout.splitlines()
     # the start-up failure is in the run dir's log too
     assert "gloo would bind rank 0" in (tmp_path / "unbound" / "logs" / "driver.log").read_text()
+
+
+def test_address_auto_refuses_several_clusters(hosts, tmp_path):
+    """A second cluster on this machine (its head in host A): `auto` without RAY_ADDRESS is refused."""
+    env = {**hosts.env, "RAY_TMPDIR": f"{hosts.ray_tmp}-2"}
+    del env["RAY_ADDRESS"]
+    second = subprocess.Popen(hosts.cmd(A, ["ray", "start", "--head", f"--node-ip-address={A}", "--port=6380",
+                                            "--num-cpus=0", "--block"]), env=env, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        from ray._private.services import _find_address_from_flag  # uncached, unlike find_gcs_addresses
+        while f"{A}:6380" not in _find_address_from_flag("--gcs-address"):
+            assert second.poll() is None, "the second Ray head did not start"
+            time.sleep(0.5)
+        r = subprocess.run(hosts.cmd(A, [PY, "-m", "mi_scale.cli", "train", str(write_cfg(tmp_path, "auto")),
+                                         "--address", "auto"]), env=env, capture_output=True, text=True,
+                           timeout=120, cwd=REPO)
+    finally:
+        second.kill()
+        hosts.kill_matching(env["RAY_TMPDIR"])  # the second cluster's processes, all of them
+        second.wait(timeout=30)
+        shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
+    assert r.returncode == 2, r.stderr[-3000:]
+    [line] = r.stderr.strip().splitlines()
+    # every cluster on the machine is named (other Ray instances may run here too)
+    found = line.split("(", 1)[1].split(")", 1)[0].split(", ")
+    assert {f"{A}:{6379}", f"{A}:6380"} <= set(found)
+    assert line == (f"error: cluster.address: 'auto' sees {len(found)} Ray clusters on this machine "
+                    f"({', '.join(found)}): pass --address HOST:PORT (or set RAY_ADDRESS) to pick one")
+
+
+def start_until_b_stalls(hosts: Hosts, tmp_path: Path, name: str, *overrides: str):
+    """A 2-host run whose rank on host B stalls at step 5, after the step-4 checkpoint."""
+    path = write_cfg(tmp_path, name, "train.steps=8", "train.checkpoint_every=4", "train.eval_every=8",
+                     "fault.stall_at_step=4", f"fault.fail_node={B}", *overrides)
+    proc = subprocess.Popen(hosts.cmd(A, [PY, "-m", "mi_scale.cli", "train", str(path), "--address", "auto"]),
+                            env=hosts.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    run_dir = tmp_path / name
+    while not list(run_dir.glob(".fault-stalled-step4-rank*")):
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.2)
+    rank_b = int(next(run_dir.glob(".fault-stalled-step4-rank*")).name.rsplit("rank", 1)[1])
+    return proc, run_dir, rank_b
+
+
+def test_losing_host_b_without_elastic_says_so_and_exits_1(hosts, tmp_path):
+    proc, run_dir, rank_b = start_until_b_stalls(hosts, tmp_path, "lost")
+    hosts.kill_host(B)
+    out, err = proc.communicate(timeout=300)
+    hosts.restart_b()
+    assert proc.returncode == 1, err[-3000:]
+    assert f"[mi-scale] node {B} lost (Ray marked it dead): it held rank {rank_b} of 2" in out.splitlines()
+    assert err.strip().splitlines() == [
+        f"error: node {B} lost with rank {rank_b} of 2: the run stopped; continue on the workers left with "
+        f"`mi-scale resume {run_dir} --set cluster.num_workers=1` (the global batch is kept), or set "
+        f"cluster.elastic: true to do so automatically"]
+
+
+def test_losing_host_b_elastic_finishes_on_a_like_a_resume(hosts, tmp_path):
+    proc, run_dir, rank_b = start_until_b_stalls(hosts, tmp_path, "elastic", "cluster.elastic=true")
+    # the run dir as it stands at the loss: the step-4 checkpoint, for the reference resume below
+    shutil.copytree(run_dir, tmp_path / "ref")
+    hosts.kill_host(B)
+    out, err = proc.communicate(timeout=300)
+    hosts.restart_b()
+    assert proc.returncode == 0, out[-2000:] + err[-3000:]
+    lines = out.splitlines()
+    assert f"[mi-scale] node {B} lost (Ray marked it dead): it held rank {rank_b} of 2" in lines
+    assert (f"[mi-scale] elastic: continuing on 1 of 2 workers from the latest complete checkpoint, as "
+            f"`mi-scale resume {run_dir} --set cluster.num_workers=1`") in lines
+    elastic = losses(run_dir)  # every step logged once
+    assert len(elastic) == 8
+    # the same resume by hand, from the same checkpoint, on the cluster (host B is back)
+    r = subprocess.run(hosts.cmd(A, [PY, "-m", "mi_scale.cli", "resume", str(tmp_path / "ref"), "--set",
+                                     "cluster.num_workers=1"]), env=hosts.env, capture_output=True, text=True,
+                       timeout=300, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert losses(tmp_path / "ref")[4:] == pytest.approx(elastic[4:], rel=1e-5)
