@@ -1,10 +1,12 @@
 """`mi-scale bench data`: the language-model data path at scale, side by side in one run.
 
-1. prepare throughput (MB/s of text, tokens/s) for the byte tokenizer and a
-   byte-level BPE, at each --num-procs, next to the library floor measured in
+1. prepare throughput (MB/s of text, tokens/s) for the byte tokenizer (on
+   --corpus-mb) and a byte-level BPE (on --bpe-mb of the same text: it is
+   ~20x slower), at each --num-procs, next to the library floor measured in
    the same run: a bare `datasets.map(batched=True, num_proc=N)` of the same
    tokenizer over the same loaded files (no separators, no token file). Each
-   runs in its own process; prepare's peak is the whole process tree's RSS.
+   runs in its own process, alternating which goes first; prepare's peak is
+   the whole process tree's RSS.
 2. fetching one batch of windows from the token file, against the model's
    step time (from the training runs of 3).
 3. per-rank peak RSS and command-to-first-step of a 2-rank `mi-scale train`
@@ -77,7 +79,7 @@ def floor(path: str, tokenizer: str, num_proc: int, cache_dir: str) -> None:
 
 
 def run(out_dir: str = "runs/bench", corpus_mb: float = 300, train_mb: list[float] | None = None,
-        num_procs: list[int] | None = None, bpe_vocab: int = 8192) -> dict:
+        num_procs: list[int] | None = None, bpe_vocab: int = 8192, bpe_mb: float = 50) -> dict:
     from mi_scale import config as config_mod
     from mi_scale.data import prepare
     from mi_scale.data.make_corpus import write_jsonl
@@ -104,34 +106,45 @@ def run(out_dir: str = "runs/bench", corpus_mb: float = 300, train_mb: list[floa
     config_path = work / "lm.yaml"
     config_mod.save(config_mod.load(Path(__file__).parent.parent / "configs" / "tiny-gpt-text.yaml", []),
                     config_path)
-    big = corpus(corpus_mb)
+    big, bpe_corpus = corpus(corpus_mb), corpus(min(bpe_mb, corpus_mb))  # a BPE is ~20x slower than bytes
     # the BPE: trained once on a sample of up to 20 MiB (as a user would: prepare --train-tokenizer)
     sample = corpus(min(20.0, corpus_mb))
     r, _ = _run_measured(prepare_cmd(sample, work / "bpe", "--train-tokenizer", str(bpe_vocab)), env)
     _check(r)
     bpe_dir = re.search(r"data\.tokenizer=(\S+)", r.stdout)[1]
     print(f"[bench data] BPE of {bpe_vocab} ids trained on {min(20.0, corpus_mb):g} MiB: {bpe_dir}", flush=True)
-    _check(_run_measured([sys.executable, "-c", f"import datasets; datasets.load_dataset('json', "
-                          f"data_files=[{str(big)!r}])"], env)[0])  # the Arrow cache, for both sides
+    for path in (big, bpe_corpus):  # the Arrow cache, for both sides
+        _check(_run_measured([sys.executable, "-c", f"import datasets; datasets.load_dataset('json', "
+                              f"data_files=[{str(path)!r}])"], env)[0])
+
+    def prepare_once(path: Path, tok_name: str, tok: str, n: int) -> tuple[dict, float, float]:
+        prepared_dir = work / f"prepared-{tok_name}-{n}"
+        subprocess.run(["rm", "-rf", str(prepared_dir)], check=True)
+        t0 = time.perf_counter()
+        r, peak = _run_measured(prepare_cmd(path, prepared_dir, "--num-proc", str(n), "--set",
+                                            f"data.tokenizer={tok}"), env)
+        _check(r)
+        wall = time.perf_counter() - t0
+        meta = json.loads(next(prepared_dir.glob("files-*/meta.json")).read_text())
+        subprocess.run(["rm", "-rf", str(prepared_dir)], check=True)
+        return meta, peak, wall
+
+    def floor_once(path: Path, tok: str, n: int) -> dict:
+        fr, _ = _run_measured([sys.executable, "-c", f"from mi_scale.bench_data import floor; floor("
+                               f"{str(path)!r}, {tok!r}, {n}, {str(work)!r})"], env)
+        _check(fr)
+        return json.loads(fr.stdout.strip().splitlines()[-1])
 
     rows = []
-    for tok_name, tok in (("byte", "byte"), (f"bpe-{bpe_vocab}", bpe_dir)):
-        for n in num_procs:
-            prepared_dir = work / f"prepared-{tok_name}-{n}"
-            subprocess.run(["rm", "-rf", str(prepared_dir)], check=True)
-            t0 = time.perf_counter()
-            r, peak = _run_measured(prepare_cmd(big, prepared_dir, "--num-proc", str(n), "--set",
-                                                f"data.tokenizer={tok}"), env)
-            _check(r)
-            wall = time.perf_counter() - t0
-            meta = json.loads(next(prepared_dir.glob("files-*/meta.json")).read_text())
-            subprocess.run(["rm", "-rf", str(prepared_dir)], check=True)
-            fr, _ = _run_measured([sys.executable, "-c", f"from mi_scale.bench_data import floor; floor("
-                                   f"{str(big)!r}, {tok!r}, {n}, {str(work)!r})"], env)
-            _check(fr)
-            fl = json.loads(fr.stdout.strip().splitlines()[-1])
-            os.remove(work / "floor.arrow") if (work / "floor.arrow").exists() else None
-            for f in work.glob("floor_*.arrow"):
+    for i, (tok_name, tok, path) in enumerate((("byte", "byte", big), (f"bpe-{bpe_vocab}", bpe_dir, bpe_corpus))):
+        for j, n in enumerate(num_procs):
+            if (i + j) % 2:  # alternate which side runs first, so that drift of a busy machine hits both
+                fl = floor_once(path, tok, n)
+                meta, peak, wall = prepare_once(path, tok_name, tok, n)
+            else:
+                meta, peak, wall = prepare_once(path, tok_name, tok, n)
+                fl = floor_once(path, tok, n)
+            for f in work.glob("floor*.arrow"):
                 f.unlink()
             tokens = sum(s["tokens"] for s in meta["splits"].values())
             mb = meta["text_bytes"] / MiB

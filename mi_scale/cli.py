@@ -91,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=2.0, help="peak: seconds of matmuls per row")
     p.add_argument("--repeats", type=int, default=2, help="startup: runs of each variant (alternated)")
     p.add_argument("--corpus-mb", type=float, default=300, help="data: MiB of real text for the prepare rows")
+    p.add_argument("--bpe-mb", type=float, default=50, help="data: MiB of it for the (slower) BPE rows")
     p.add_argument("--train-mb", default="10,1024", help="data: corpus sizes (MiB) trained on, comma-separated")
     p.add_argument("--num-procs", default="1,2", help="data: tokenizing processes to compare, comma-separated")
     p.add_argument("--out", default="runs/bench", help="folder for bench.json / bench_scale.json / bench_gpu.json / bench_startup.json")
@@ -182,7 +183,7 @@ def _dispatch(args) -> int:
             bench.scale(out_dir=args.out, sizes=sizes)
         elif args.what == "data":
             from mi_scale import bench_data
-            bench_data.run(out_dir=args.out, corpus_mb=args.corpus_mb,
+            bench_data.run(out_dir=args.out, corpus_mb=args.corpus_mb, bpe_mb=args.bpe_mb,
                            train_mb=[float(x) for x in args.train_mb.split(",")],
                            num_procs=[int(x) for x in args.num_procs.split(",")])
         elif args.what == "startup":
