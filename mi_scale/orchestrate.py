@@ -372,7 +372,7 @@ def run(cfg: Config, resume: bool = False, verbose: bool = False, empty_loop: bo
             ray.shutdown()
     if continue_on is not None:
         try:
-            return node_loss.continue_elastic(cfg, run_dir, continue_on, verbose)
+            return run(node_loss.elastic_config(cfg, run_dir, continue_on), resume=True, verbose=verbose)
         finally:
             if started:
                 ray.shutdown()
