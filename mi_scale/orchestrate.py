@@ -22,6 +22,7 @@ the step the group resumed from.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -170,7 +171,7 @@ def _empty_loop(loop_config: dict) -> None:
 def _train_on_worker(cfg: Config, loop_config: dict, rank: int) -> None:
     import ray.train
 
-    from mi_scale.train.checkpoint import complete_checkpoints
+    from mi_scale.train.checkpoint import META, complete_checkpoints
     from mi_scale.train.shared_dir import check_shared
     from mi_scale.train.worker import run_worker
 
@@ -188,11 +189,19 @@ def _train_on_worker(cfg: Config, loop_config: dict, rank: int) -> None:
     resume = loop_config["resume"] or restarted or restored is not None
     if restored is not None and not complete_checkpoints(cfg.run_dir()):
         # The run dir lost its checkpoints (e.g. a new node): copy Ray's in.
+        # Ray names its copy checkpoint_<time>; resume looks for the step-N
+        # name the checkpoint records. Copied aside, then renamed: atomic,
+        # and the first rank to finish wins.
         with restored.as_directory() as d:
             src = Path(d)
-            dst = cfg.run_dir() / "checkpoints" / src.name
+            dst = cfg.run_dir() / "checkpoints" / json.loads((src / META).read_text())["tag"]
             if not dst.exists():
-                shutil.copytree(src, dst, dirs_exist_ok=True)
+                partial = dst.parent / f".partial-restore-rank{rank}-{dst.name}"
+                shutil.copytree(src, partial, dirs_exist_ok=True)
+                try:
+                    os.replace(partial, dst)
+                except OSError:  # another rank's copy is already in place
+                    shutil.rmtree(partial, ignore_errors=True)
 
     def on_checkpoint(path: Path, step: int, metrics: dict) -> None:
         from ray.train import Checkpoint
@@ -366,7 +375,7 @@ def run(cfg: Config, resume: bool = False, verbose: bool = False, empty_loop: bo
             ray.shutdown()
     if continue_on is not None:
         try:
-            return node_loss.continue_elastic(cfg, run_dir, continue_on, verbose)
+            return run(node_loss.elastic_config(cfg, run_dir, continue_on), resume=True, verbose=verbose)
         finally:
             if started:
                 ray.shutdown()

@@ -28,7 +28,7 @@ import statistics
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, Optional
 
 import numpy as np
 import yaml
@@ -36,6 +36,7 @@ import yaml
 from mi_scale import plots
 from mi_scale.config import ConfigError, load as load_config
 from mi_scale.errors import UserFixableError
+from mi_scale.stats import finite, mean_std, stack, welch_interval
 
 # Published MNIST-1D test accuracies (Greydanus 2020, default 4000/1000 split),
 # printed next to our shallow MLP as a check on the data and training pipeline.
@@ -85,17 +86,13 @@ class Run:
     def series(self, key: str, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
         """(steps, values) of the rows of `split` that hold a finite `key`."""
         rows = self.train if split == "train" else self.eval
-        pts = [(r["step"], float(r[key])) for r in rows if _finite(r.get(key))]
+        pts = [(r["step"], float(r[key])) for r in rows if finite(r.get(key))]
         return (np.array([p[0] for p in pts], dtype=float),
                 np.array([p[1] for p in pts], dtype=float))
 
 
 def _is_pair_key(key: str) -> bool:
     return key.startswith("mi/") and "->" in key
-
-
-def _finite(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def load_run(run_dir: str | Path) -> Run:
@@ -152,53 +149,6 @@ def find_runs(paths: Iterable[str | Path]) -> list[Path]:
 
 
 # ----------------------------------------------------------------------------
-# Statistics
-
-
-def _mean_std(xs: Sequence[float]) -> tuple[float, float]:
-    xs = [x for x in xs if _finite(x)]
-    mean = statistics.fmean(xs) if xs else math.nan
-    std = statistics.stdev(xs) if len(xs) >= 2 else math.nan
-    return mean, std
-
-
-def _t_crit(df: float) -> tuple[float, str]:
-    """Two-sided 95% critical value: Student t when scipy is importable,
-    else the normal approximation."""
-    if not math.isfinite(df):
-        return 1.959963984540054, "normal"
-    try:
-        from scipy import stats
-    except ImportError:
-        return 1.959963984540054, "normal approximation (scipy not installed)"
-    return float(stats.t.ppf(0.975, df)), "Welch t"
-
-
-def welch_interval(a: Sequence[float], b: Sequence[float]) -> dict:
-    """95% CI for mean(a) - mean(b) (Welch) and Cohen's d (pooled sd)."""
-    a = [x for x in a if _finite(x)]
-    b = [x for x in b if _finite(x)]
-    out = {"diff": math.nan, "ci95": [math.nan, math.nan], "df": math.nan,
-           "cohens_d": math.nan, "method": "", "n": [len(a), len(b)]}
-    if not a or not b:
-        return out
-    out["diff"] = diff = statistics.fmean(a) - statistics.fmean(b)
-    if len(a) < 2 or len(b) < 2:
-        out["method"] = "needs >= 2 seeds per arm"
-        return out
-    va, vb = statistics.variance(a), statistics.variance(b)
-    se2 = va / len(a) + vb / len(b)
-    df = se2 ** 2 / ((va / len(a)) ** 2 / (len(a) - 1) + (vb / len(b)) ** 2 / (len(b) - 1)) \
-        if se2 > 0 else math.inf
-    t, method = _t_crit(df)
-    half = t * math.sqrt(se2)
-    pooled = math.sqrt(((len(a) - 1) * va + (len(b) - 1) * vb) / (len(a) + len(b) - 2))
-    out.update(ci95=[diff - half, diff + half], df=df, method=method,
-               cohens_d=diff / pooled if pooled > 0 else math.nan)
-    return out
-
-
-# ----------------------------------------------------------------------------
 # Aggregation into summary.json
 
 
@@ -233,7 +183,7 @@ def _pick_baseline(arms: dict[str, list[Run]]) -> str:
 def _steps_to(run: Run, key: str, target: float, higher: bool) -> Optional[int]:
     for row in run.eval:
         v = row.get(key)
-        if _finite(v) and (v >= target if higher else v <= target):
+        if finite(v) and (v >= target if higher else v <= target):
             return int(row["step"])
     return None
 
@@ -272,27 +222,27 @@ def summarize(runs: list[Run], target_accuracy: Optional[float] = None) -> dict:
         finals = [_final(r, key) for r in rs]
         mi_by_run = [_final_mi(r) for r in rs]
         pairs = list(dict.fromkeys(p for m in mi_by_run for p in m))
-        run_mi = [_mean_std(list(m.values()))[0] for m in mi_by_run]
-        per_pair = {p: _mean_std([m.get(p, math.nan) for m in mi_by_run]) for p in pairs}
+        run_mi = [mean_std(list(m.values()))[0] for m in mi_by_run]
+        per_pair = {p: mean_std([m.get(p, math.nan) for m in mi_by_run]) for p in pairs}
         task_loss = "task_loss" if any("task_loss" in row for r in rs for row in r.train) else "loss"
-        step_times = [row["step_time_s"] for r in rs for row in r.train if _finite(row.get("step_time_s"))]
+        step_times = [row["step_time_s"] for r in rs for row in r.train if finite(row.get("step_time_s"))]
         per_arm[arm] = {
             "runs": [r.name for r in rs],
             "seeds": [r.seed for r in rs],
             "n_seeds": len(rs),
             "final_metric_per_seed": finals,
-            "final_metric_mean": _mean_std(finals)[0],
-            "final_metric_std": _mean_std(finals)[1],
+            "final_metric_mean": mean_std(finals)[0],
+            "final_metric_std": mean_std(finals)[1],
             "final_mi_per_seed": run_mi,
-            "final_mi_mean": _mean_std(run_mi)[0],
-            "final_mi_std": _mean_std(run_mi)[1],
+            "final_mi_mean": mean_std(run_mi)[0],
+            "final_mi_std": mean_std(run_mi)[1],
             "final_mi_per_pair": {p: ms[0] for p, ms in per_pair.items()},
             "final_mi_per_pair_std": {p: ms[1] for p, ms in per_pair.items()},
-            "final_train_loss_mean": _mean_std([_final(r, task_loss, "train") for r in rs])[0],
+            "final_train_loss_mean": mean_std([_final(r, task_loss, "train") for r in rs])[0],
             "median_step_time_s": statistics.median(step_times) if step_times else math.nan,
         }
 
-    means = [a["final_metric_mean"] for a in per_arm.values() if _finite(a["final_metric_mean"])]
+    means = [a["final_metric_mean"] for a in per_arm.values() if finite(a["final_metric_mean"])]
     if target_accuracy is not None:
         target, rule = float(target_accuracy), "given"
     elif not means:
@@ -302,7 +252,7 @@ def summarize(runs: list[Run], target_accuracy: Optional[float] = None) -> dict:
     else:
         target, rule = 1.1 * min(means), f"1.1 x best (lowest) arm's mean final {key}"
     for arm, rs in arms.items():
-        steps = [_steps_to(r, key, target, higher) if _finite(target) else None for r in rs]
+        steps = [_steps_to(r, key, target, higher) if finite(target) else None for r in rs]
         reached = [s for s in steps if s is not None]
         per_arm[arm].update(steps_to_target_per_seed=steps, n_reached=len(reached),
                             steps_to_target_mean=statistics.fmean(reached) if reached else math.nan)
@@ -324,8 +274,8 @@ def summarize(runs: list[Run], target_accuracy: Optional[float] = None) -> dict:
         lo, hi = w["ci95"]
         better_low = lo > 0 if higher else hi < 0  # whole CI on the good side
         worse_high = hi < 0 if higher else lo > 0
-        w["verdict"] = ("helped" if _finite(lo) and better_low else
-                        "hurt" if _finite(lo) and worse_high else "inconclusive")
+        w["verdict"] = ("helped" if finite(lo) and better_low else
+                        "hurt" if finite(lo) and worse_high else "inconclusive")
         comparisons[arm] = w
 
     # Direction controls: arms identical but for the sign of mi.weight. If
@@ -347,8 +297,8 @@ def summarize(runs: list[Run], target_accuracy: Optional[float] = None) -> dict:
                 raise_better = lo > 0 if higher else hi < 0
                 lower_better = hi < 0 if higher else lo > 0
                 c.update(raise_arm=up, lower_arm=down, weight=w,
-                         verdict=("raising MI better" if _finite(lo) and raise_better else
-                                  "lowering MI better" if _finite(lo) and lower_better else
+                         verdict=("raising MI better" if finite(lo) and raise_better else
+                                  "lowering MI better" if finite(lo) and lower_better else
                                   "no difference detected"))
                 controls.append(c)
 
@@ -374,30 +324,19 @@ def summarize(runs: list[Run], target_accuracy: Optional[float] = None) -> dict:
 # Plots
 
 
-def _stack(runs: list[Run], key: str, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """Runs' series of `key` on the union of their steps, NaN where a run
-    has no value: (steps_S, values_RS)."""
-    series = [r.series(key, split) for r in runs]
-    steps = np.unique(np.concatenate([s for s, _ in series])) if series else np.array([])
-    v_RS = np.full((len(runs), steps.size), np.nan)
-    for i, (s, v) in enumerate(series):
-        v_RS[i, np.searchsorted(steps, s)] = v
-    return steps, v_RS
-
-
 def _write_plots(arms: dict[str, list[Run]], summary: dict, out: Path) -> list[Path]:
     key = summary["metric"]["key"]
     loss_key = {a: "task_loss" if any("task_loss" in row for r in rs for row in r.train) else "loss"
                 for a, rs in arms.items()}
     paths = [
-        plots.curves({"": {a: _stack(rs, loss_key[a], "train") for a, rs in arms.items()}},
+        plots.curves({"": {a: stack(rs, loss_key[a], "train") for a, rs in arms.items()}},
                      out / "train_loss.png", ylabel="train task loss",
                      title="Train task loss (MI term excluded); mean, band = min..max over seeds"),
-        plots.curves({"": {a: _stack(rs, key, "eval") for a, rs in arms.items()}},
+        plots.curves({"": {a: stack(rs, key, "eval") for a, rs in arms.items()}},
                      out / "test_accuracy.png", ylabel=key.replace("_", " "),
                      title=f"Held-out {key}; mean, band = min..max over seeds"),
     ]
-    mi = {a: {p: _stack(rs, f"mi/{p}", "train")
+    mi = {a: {p: stack(rs, f"mi/{p}", "train")
               for p in summary["arms"][a]["final_mi_per_pair"]} for a, rs in arms.items()}
     paths.append(plots.curves(mi, out / "mi_pairs.png", ylabel=plots.MI_LABEL, sharey=True,
                               title="Sketched MI per adjacent layer pair; mean over seeds "
@@ -425,11 +364,11 @@ def _write_plots(arms: dict[str, list[Run]], summary: dict, out: Path) -> list[P
 
 
 def _f(x: Any, spec: str = ".4f") -> str:
-    return format(x, spec) if _finite(x) else "–"
+    return format(x, spec) if finite(x) else "–"
 
 
 def _pm(mean: float, std: float, spec: str = ".4f") -> str:
-    return f"{_f(mean, spec)} ± {_f(std, spec)}" if _finite(std) else _f(mean, spec)
+    return f"{_f(mean, spec)} ± {_f(std, spec)}" if finite(std) else _f(mean, spec)
 
 
 def _steps(arm: dict) -> str:
@@ -482,7 +421,7 @@ def _markdown(summary: dict, plot_names: list[str]) -> str:
         s = arms[arm]
         lo, hi = c["ci95"]
         if c["verdict"] == "inconclusive":
-            why = ("the 95% CI contains 0" if _finite(lo) else c["method"] or "no eval rows")
+            why = ("the 95% CI contains 0" if finite(lo) else c["method"] or "no eval rows")
             text = f"**inconclusive**: {why}"
         else:
             direction = "higher" if c["diff"] > 0 else "lower"

@@ -42,6 +42,7 @@ import numpy as np
 from mi_scale import plots
 from mi_scale.mi.estimators import gaussian_ceiling
 from mi_scale.mi.regularizer import TRAINING_ESTIMATOR_DEFAULTS
+from mi_scale.stats import ci95, finite, stack, welch_interval
 
 # Thresholds fixed before the grid ran (both baseline and regularized arms
 # reach them in the pilot runs); `mi-scale report --target-accuracy/--target-ppl` override them.
@@ -64,22 +65,6 @@ def _is_lm(run) -> bool:
     return any("eval_ppl" in row for row in run.eval)
 
 
-def _finite(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def ci95(xs) -> dict:
-    """Mean and 95% t interval over seeds; NaN bounds for fewer than 2 values."""
-    from mi_scale.report import _t_crit
-
-    xs = [float(x) for x in xs if _finite(x)]
-    out = {"mean": statistics.fmean(xs) if xs else math.nan, "ci95": [math.nan, math.nan], "n": len(xs)}
-    if len(xs) >= 2:
-        half = _t_crit(len(xs) - 1)[0] * statistics.stdev(xs) / math.sqrt(len(xs))
-        out["ci95"] = [out["mean"] - half, out["mean"] + half]
-    return out
-
-
 def role(run) -> str:
     if run._get("mi", "control", "none") != "none":
         return "control"
@@ -92,7 +77,7 @@ def role(run) -> str:
 def steps_to_threshold(run, key: str, target: float, higher: bool) -> Optional[int]:
     for row in run.eval:
         v = row.get(key)
-        if _finite(v) and (v >= target if higher else v <= target):
+        if finite(v) and (v >= target if higher else v <= target):
             return int(row["step"])
     return None
 
@@ -125,8 +110,8 @@ def final_mi(run) -> dict[str, float]:
 
 def saturation(run) -> float:
     """Fraction of pairs whose final MI is within 5% of the ceiling."""
-    c, mi = ceiling(run), [v for v in final_mi(run).values() if _finite(v)]
-    if not _finite(c) or not mi:
+    c, mi = ceiling(run), [v for v in final_mi(run).values() if finite(v)]
+    if not finite(c) or not mi:
         return math.nan
     return sum(v >= (1 - SATURATION_WITHIN) * c for v in mi) / len(mi)
 
@@ -152,17 +137,12 @@ def _arm_stats(rs: list, key: str, target: float, higher: bool) -> dict:
         "n_reached": sum(s is not None for s in steps),
         "auc": ci95([auc(r, key) for r in rs]),
         "auc_per_seed": [auc(r, key) for r in rs],
-        "final_mi": ci95([statistics.fmean(v for v in m.values() if _finite(v)) if m else math.nan for m in mi]),
+        "final_mi": ci95([statistics.fmean(v for v in m.values() if finite(v)) if m else math.nan for m in mi]),
         "final_mi_per_pair": {p: ci95([m.get(p, math.nan) for m in mi]) for p in pairs},
         "ceiling": ceiling(r0),
         "saturation_per_seed": [saturation(r) for r in rs],
         "saturation": ci95([saturation(r) for r in rs])["mean"],
     }
-
-
-def _welch(a: list, b: list) -> dict:
-    from mi_scale.report import welch_interval
-    return welch_interval(a, b)
 
 
 def summarize(runs, target_accuracy: Optional[float] = None, target_ppl: Optional[float] = None) -> dict:
@@ -185,7 +165,7 @@ def summarize(runs, target_accuracy: Optional[float] = None, target_ppl: Optiona
     for g, a in arms.items():
         if a["cell"] is not None:
             depth.setdefault(a["activation"], {}).setdefault(a["arm"], {})[int(a["depth"])] = g
-    trainable = {act: {arm: max([d for d, g in by.items() if _finite(arms[g]["final"]["mean"])
+    trainable = {act: {arm: max([d for d, g in by.items() if finite(arms[g]["final"]["mean"])
                                  and arms[g]["final"]["mean"] >= ta] or [0])
                        for arm, by in per_arm.items()} for act, per_arm in depth.items()}
 
@@ -204,7 +184,7 @@ def summarize(runs, target_accuracy: Optional[float] = None, target_ppl: Optiona
                     if gr is None:
                         continue
                     for metric, k in (("final accuracy", "final_per_seed"), ("AUC", "auc_per_seed")):
-                        w = _welch(arms[g][k], arms[gr][k])
+                        w = welch_interval(arms[g][k], arms[gr][k])
                         comparisons.append({"activation": act, "depth": d, "arm": arm, "vs": ref,
                                             "metric": metric, **w, "verdict": _verdict(w)})
 
@@ -216,7 +196,7 @@ def summarize(runs, target_accuracy: Optional[float] = None, target_ppl: Optiona
             if g == lm_base:
                 continue
             for metric, k in (("final eval ppl", "final_per_seed"), ("AUC of eval ppl", "auc_per_seed")):
-                w = _welch(a[k], lm[lm_base][k])
+                w = welch_interval(a[k], lm[lm_base][k])
                 lm_cmp.append({"arm": g, "vs": lm_base, "metric": metric, **w, "verdict": _verdict(w, higher=False)})
 
     anchor = {g: a for g, a in arms.items() if a["cell"] is None and a["task"] == "classify"}
@@ -241,7 +221,7 @@ def summarize(runs, target_accuracy: Optional[float] = None, target_ppl: Optiona
 
 def _verdict(w: dict, higher: bool = True) -> str:
     lo, hi = w["ci95"]
-    if not (_finite(lo) and _finite(hi)):
+    if not (finite(lo) and finite(hi)):
         return "inconclusive"
     if lo > 0:
         return "better" if higher else "worse"
@@ -256,14 +236,14 @@ def _verdict(w: dict, higher: bool = True) -> str:
 
 def _ci(c: dict, spec: str = ".3f") -> str:
     lo, hi = c["ci95"]
-    return (f"{format(c['mean'], spec)} [{format(lo, spec)}, {format(hi, spec)}]" if _finite(lo)
-            else (format(c["mean"], spec) if _finite(c["mean"]) else "–"))
+    return (f"{format(c['mean'], spec)} [{format(lo, spec)}, {format(hi, spec)}]" if finite(lo)
+            else (format(c["mean"], spec) if finite(c["mean"]) else "–"))
 
 
 def _diff(c: dict) -> str:
     lo, hi = c["ci95"]
-    return (f"{c['diff']:+.3f} [{lo:+.3f}, {hi:+.3f}], d = {c['cohens_d']:.2f}" if _finite(lo)
-            else f"{c['diff']:+.3f} (no CI)" if _finite(c["diff"]) else "–")
+    return (f"{c['diff']:+.3f} [{lo:+.3f}, {hi:+.3f}], d = {c['cohens_d']:.2f}" if finite(lo)
+            else f"{c['diff']:+.3f} (no CI)" if finite(c["diff"]) else "–")
 
 
 def verdict(s: dict) -> list[str]:
@@ -281,7 +261,7 @@ def verdict(s: dict) -> list[str]:
         for a in dose:
             by_w.setdefault(a["weight"], []).append(a["final_mi"]["mean"])
         mi_w = ", ".join(f"w={w:g}: {statistics.fmean(v):.2f}" for w, v in sorted(by_w.items())
-                         if all(_finite(x) for x in v))
+                         if all(finite(x) for x in v))
         out.append(f"Dose: mean final sketched MI over cells by weight: {mi_w} nats; the largest fraction of "
                    f"pairs within 5% of the ceiling in any raise-MI arm is {worst:.2f}.")
     cmp = s["comparisons"]
@@ -296,7 +276,7 @@ def verdict(s: dict) -> list[str]:
             if rows:
                 better = [f"{c['arm']} d{c['depth']}" for c in rows if c["verdict"] == "better"]
                 worse = [f"{c['arm']} d{c['depth']}" for c in rows if c["verdict"] == "worse"]
-                best = max(rows, key=lambda c: c["diff"] if _finite(c["diff"]) else -math.inf)
+                best = max(rows, key=lambda c: c["diff"] if finite(c["diff"]) else -math.inf)
                 out.append(f"  {kind} vs {ref_role} ({act}, final accuracy, {len(rows)} comparisons): "
                            f"better in {len(better)} ({', '.join(better) or 'none'}), worse in {len(worse)} "
                            f"({', '.join(worse) or 'none'}); largest gain {best['arm']} at depth "
@@ -325,8 +305,6 @@ def _cell_of(s: dict, act: str, arm: str, depth: int) -> str:
 
 
 def write_plots(runs, s: dict, out: Path) -> list[Path]:
-    from mi_scale.report import _stack
-
     arms, paths = s["arms"], []
 
     def point(a: dict, key: str, x: float):
@@ -342,7 +320,7 @@ def write_plots(runs, s: dict, out: Path) -> list[Path]:
                 point(a, "final_mi", a["weight"]))
             dose_acc.setdefault(a["activation"], {}).setdefault(f"depth {a['depth']}", []).append(
                 point(a, "final", a["weight"]))
-            if _finite(a["ceiling"]):
+            if finite(a["ceiling"]):
                 ceilings.add(a["ceiling"])
     paths.append(plots.points_with_ci(dose_mi, out / "dose_mi.png", xlabel="mi.weight (symlog)",
                                       ylabel="final " + plots.MI_LABEL, xscale="symlog",
@@ -364,12 +342,12 @@ def write_plots(runs, s: dict, out: Path) -> list[Path]:
     for r in runs:
         if arms[r.arm]["task"] == "lm":
             lm_groups.setdefault(r.arm, []).append(r)
-    paths.append(plots.curves({"": {g: _stack(rs, "eval_ppl", "eval") for g, rs in lm_groups.items()}},
+    paths.append(plots.curves({"": {g: stack(rs, "eval_ppl", "eval") for g, rs in lm_groups.items()}},
                               out / "lm_eval_ppl.png", ylabel="eval perplexity", logy=True,
                               title="LM eval perplexity; mean, band = min..max over seeds"))
     paths.append(plots.bar_by_arm({g: {p: c["mean"] for p, c in arms[g]["final_mi_per_pair"].items()}
                                    for g in lm_groups}, out / "lm_mi_pairs.png",
-                                  errors={g: {p: (c["ci95"][1] - c["mean"]) if _finite(c["ci95"][1]) else math.nan
+                                  errors={g: {p: (c["ci95"][1] - c["mean"]) if finite(c["ci95"][1]) else math.nan
                                               for p, c in arms[g]["final_mi_per_pair"].items()}
                                           for g in lm_groups},
                                   title="LM: final sketched MI per block pair (mean, bar = 95% CI half-width)"))

@@ -148,6 +148,24 @@ def test_driver_killed_then_resume(tmp_path, torchrun_reference):
     assert losses(run_dir) == losses(torchrun_reference)
 
 
+def test_resume_falls_back_to_rays_copies_in_storage_path(tmp_path, torchrun_reference):
+    """The run dir lost every checkpoint (a fresh node): resume takes the latest
+    one Ray Train kept in cluster.storage_path and continues exactly."""
+    store = tmp_path / "store"
+    path = write_cfg(tmp_path, "lost", f"cluster.storage_path={store}", "fault.fail_at_step=9", "fault.fail_rank=1",
+                     "cluster.max_failures=0")
+    r = mi_scale("train", str(path))
+    assert r.returncode == 1, r.stderr[-3000:]  # failed at step 10, after the step-8 checkpoint
+    run_dir = tmp_path / "lost"
+    assert len([p for p in (store / "lost").glob("checkpoint_*") if p.is_dir()]) == 2  # Ray's copies: 4, 8
+    import shutil
+    shutil.rmtree(run_dir / "checkpoints")
+    r = mi_scale("resume", str(run_dir))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "[mi-scale] resumed from" in r.stdout and "step-00000008" in r.stdout, r.stdout
+    assert losses(run_dir) == losses(torchrun_reference)
+
+
 def test_bad_cluster_settings_fail_fast(tmp_path):
     """Fail fast = before anything starts: exit 2, one `error:` line, no run dir
     (so no worker ran or logged), no embedded Ray session dir."""

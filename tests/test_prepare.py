@@ -328,3 +328,21 @@ def test_rank_memory_does_not_grow_with_the_corpus(tmp_path):
     small_mb, large_mb = _peak_rss_mb(tmp_path, small, "small"), _peak_rss_mb(tmp_path, large, "large")
     assert large.stat().st_size > 100 * 2**20
     assert abs(large_mb - small_mb) < 100, (small_mb, large_mb)
+
+
+def test_plan_data_line_counts_sample_order_and_one_batch(tmp_path):
+    from mi_scale import plan
+
+    write_docs(tmp_path / "docs.jsonl", 300, seed=9)
+    overrides = ["model.kind=gpt", "model.preset=gpt-1m", "data.name=files", f"data.path={tmp_path / 'docs.jsonl'}",
+                 f"data.prepared_dir={tmp_path / 'prepared'}", "data.seq_len=16", "data.batch_size=4"]
+    cfg = config_mod.load(None, overrides)
+    facts = plan.model_facts(cfg)
+    nbytes, note = plan.data_bytes(cfg, facts)
+    assert nbytes == 4 * 17 * (2 + 8) + 2 * 4 * 16 * 8 and note.startswith("data: not prepared yet")
+    prepared = prepare.ensure_prepared(cfg.data)
+    nbytes, note = plan.data_bytes(cfg, facts)
+    samples = prepared.tokens("train") // 17
+    assert nbytes == 8 * samples + 4 * 17 * (2 + 8) + 2 * 4 * 16 * 8
+    assert f"of tokens in {prepared.path}, read through the page cache" in note
+    assert plan.plan(cfg, advise=False).phases["forward_backward"]["data"] == nbytes
