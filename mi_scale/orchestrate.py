@@ -172,7 +172,10 @@ def _train_on_worker(cfg: Config, loop_config: dict, rank: int) -> None:
     import ray.train
 
     from mi_scale.train.checkpoint import META, complete_checkpoints
+    from mi_scale.train.shared_dir import check_shared
     from mi_scale.train.worker import run_worker
+
+    check_shared(cfg.run_dir(), rank, ray.train.get_context().get_world_size(), loop_config["run_token"])
 
     # Ray restarts the group after a failure by calling this function again:
     # a marker per rank and per `mi-scale train` command says this rank
