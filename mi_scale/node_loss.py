@@ -124,14 +124,14 @@ def after_failure(cfg: Config, run_dir, watch: NodeWatch, error: BaseException, 
                     ) from error
 
 
-def continue_elastic(cfg: Config, run_dir, m: int, verbose: bool) -> dict:
-    """What `mi-scale resume RUN_DIR --set cluster.num_workers=M` does, in this driver."""
+def elastic_config(cfg: Config, run_dir, m: int) -> Config:
+    """The config `mi-scale resume RUN_DIR --set cluster.num_workers=M` runs; the
+    orchestrator resumes it in this driver."""
     from mi_scale import config as config_mod
-    from mi_scale import orchestrate
 
     console.say(f"[mi-scale] elastic: continuing on {m} of {cfg.cluster.num_workers} workers from the latest "
                 f"complete checkpoint, as `mi-scale resume {run_dir} --set cluster.num_workers={m}`")
     resumed = config_mod.load(run_dir / "config.yaml", [f"cluster.num_workers={m}"])
     resumed.run.output_dir, resumed.run.name = str(run_dir.parent), run_dir.name
     resumed.cluster.address = cfg.cluster.address
-    return orchestrate.run(resumed, resume=True, verbose=verbose)
+    return resumed

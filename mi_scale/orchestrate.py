@@ -172,7 +172,10 @@ def _train_on_worker(cfg: Config, loop_config: dict, rank: int) -> None:
     import ray.train
 
     from mi_scale.train.checkpoint import META, complete_checkpoints
+    from mi_scale.train.shared_dir import check_shared
     from mi_scale.train.worker import run_worker
+
+    check_shared(cfg.run_dir(), rank, ray.train.get_context().get_world_size(), loop_config["run_token"])
 
     # Ray restarts the group after a failure by calling this function again:
     # a marker per rank and per `mi-scale train` command says this rank
@@ -372,7 +375,7 @@ def run(cfg: Config, resume: bool = False, verbose: bool = False, empty_loop: bo
             ray.shutdown()
     if continue_on is not None:
         try:
-            return node_loss.continue_elastic(cfg, run_dir, continue_on, verbose)
+            return run(node_loss.elastic_config(cfg, run_dir, continue_on), resume=True, verbose=verbose)
         finally:
             if started:
                 ray.shutdown()

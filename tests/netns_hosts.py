@@ -90,21 +90,28 @@ class Hosts:
         for host in (A, B):
             self.start_node(host)
 
-    def start_node(self, host: str) -> None:
-        """Host A: the head's line; host B: the workers' line (of launch/slurm.sbatch)."""
+    def start_node(self, host: str, private_dir: str | None = None) -> None:
+        """Host A: the head's line; host B: the workers' line (of launch/slurm.sbatch).
+        private_dir: a tmpfs only this host sees there (its own disk, not shared)."""
         head, worker = sbatch_ray_start_lines()
         env = {**self.env, "RAY_HEAD_IP": A, "RAY_PORT": str(PORT), "CPUS_PER_NODE": str(self.cpus),
                "GPUS_PER_NODE": "0"}
         log = open(self.tmp / f"ray-node-{host}.log", "a")
         line = head if host == A else worker
-        self.nodes[host] = subprocess.Popen(self.cmd(host, ["bash", "-c", f"exec {line}"]), env=env,
+        if private_dir:  # `ip netns exec` gives the host its own mount namespace
+            line = f"mount -t tmpfs tmpfs {private_dir} && exec {line}"
+        self.nodes[host] = subprocess.Popen(self.cmd(host, ["bash", "-c", line if private_dir else f"exec {line}"]), env=env,
                                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.wait_for_nodes(1 if host == A else 2)
 
-    def restart_b(self) -> None:
+    def restart_b(self, private_dir: str | None = None) -> None:
         """Host B back after it was lost: a new Ray node joins at the same address."""
         self.kill_host(B)
-        self.start_node(B)
+        deadline = time.time() + 120
+        while B in self.alive_nodes():  # Ray must see the old node dead first, or it schedules onto it
+            assert time.time() < deadline, "Ray did not mark host B's old node dead"
+            time.sleep(1)
+        self.start_node(B, private_dir)
 
     def python(self, host: str, code: str, timeout: float = 120) -> str:
         r = subprocess.run(self.cmd(host, [PY, "-c", code]), env=self.env, capture_output=True, text=True,

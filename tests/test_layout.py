@@ -1,4 +1,5 @@
-"""The house: user-fixable errors share one base at the bottom (mi_scale/errors.py,
+"""The house: no import circles under mi_scale/ (imports inside functions
+included); user-fixable errors share one base at the bottom (mi_scale/errors.py,
 which imports nothing of ours) and the CLI turns any of them into one line, exit 2."""
 
 from __future__ import annotations
@@ -20,6 +21,77 @@ def _modules() -> dict[str, ast.Module]:
             parts = parts[:-1]
         out[".".join(parts)] = ast.parse(path.read_text(), filename=str(path))
     return out
+
+
+def _imports(modules: dict[str, ast.Module]) -> dict[str, set[str]]:
+    """module -> the modules of ours it imports anywhere in its body (top level,
+    functions, TYPE_CHECKING blocks). `from pkg import sub` counts as importing
+    pkg.sub when that is a module, else pkg; a parent package that Python loads
+    on the way is not an edge."""
+    def ours(name: str) -> str | None:
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph = {}
+    for mod, tree in modules.items():
+        package = mod if _is_package(mod) else mod.rpartition(".")[0]
+        found = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:  # relative: from . import x, from .sub import y
+                    parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join(parts + ([base] if base else []))
+                names = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
+            else:
+                continue
+            found |= {m for n in names if n.startswith("mi_scale") and (m := ours(n)) and m != mod}
+        graph[mod] = found
+    return graph
+
+
+def _is_package(mod: str) -> bool:
+    return (PACKAGE.parent / mod.replace(".", "/") / "__init__.py").is_file()
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str]:
+    """One import circle as a path a -> b -> ... -> a, or [] when there is none."""
+    state, path = {}, []
+
+    def visit(m: str) -> list[str]:
+        state[m] = "open"
+        path.append(m)
+        for dep in sorted(graph[m]):
+            if state.get(dep) == "open":
+                return path[path.index(dep):] + [dep]
+            if dep not in state and (found := visit(dep)):
+                return found
+        state[m] = "done"
+        path.pop()
+        return []
+
+    for m in sorted(graph):
+        if m not in state and (found := visit(m)):
+            return found
+    return []
+
+
+def test_no_import_circles():
+    graph = _imports(_modules())
+    assert graph["mi_scale.cli"] and graph["mi_scale.data.build"]  # the parse finds edges (relative ones too)
+    assert "mi_scale.data.prepare" in graph["mi_scale.data.build"]
+    assert " -> ".join(_cycle(graph)) == ""
+
+
+def test_the_cycle_finder_finds_a_circle_inside_functions():
+    """A planted circle (b imports a inside a function) is reported as a path."""
+    modules = {"mi_scale.a": ast.parse("import mi_scale.b\n"),
+               "mi_scale.b": ast.parse("def f():\n    from mi_scale.a import x\n"),
+               "mi_scale.c": ast.parse("from mi_scale import a\n")}
+    assert _cycle(_imports(modules)) == ["mi_scale.a", "mi_scale.b", "mi_scale.a"]
 
 
 def test_errors_module_imports_nothing_of_ours():

@@ -162,3 +162,18 @@ def test_losing_host_b_elastic_finishes_on_a_like_a_resume(hosts, tmp_path):
                        timeout=300, cwd=REPO)
     assert r.returncode == 0, r.stderr[-3000:]
     assert losses(tmp_path / "ref")[4:] == pytest.approx(elastic[4:], rel=1e-5)
+
+
+def test_run_dir_not_shared_between_hosts_is_refused(hosts, tmp_path):
+    """Host B keeps the output dir on its own tmpfs: rank 0 on A cannot see B's files."""
+    (tmp_path / "local").mkdir()
+    hosts.restart_b(private_dir=str(tmp_path / "local"))
+    try:
+        r = train_on_a(hosts, str(write_cfg(tmp_path / "local", "unshared")))
+    finally:
+        hosts.restart_b()
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-3000:]
+    assert r.stderr.strip().splitlines() in [[
+        f"error: run.output_dir: {tmp_path / 'local'} is not shared between nodes: rank 0 on {a} does not see "
+        f"the files of rank 1 on {b}, so checkpoint shards would stay on each node; set run.output_dir to a "
+        f"filesystem every node mounts at the same path (NFS, Lustre, a cloud file store)"] for a, b in ((A, B), (B, A))]

@@ -9,7 +9,6 @@ fsynced: a crash mid-save leaves the previous checkpoint as the latest.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import pickle
@@ -22,76 +21,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from mi_scale.errors import UserFixableError
+from mi_scale.train.ckpt_files import (META, CheckpointError, UnsafeCheckpointError, checkpoint_dir,
+                                      complete_checkpoints, load_rank_state, safe_deepspeed_loads, unsafe_message)
 from mi_scale.train.dist_env import barrier, device
-
-META = "mi_scale.json"
-
-
-class CheckpointError(UserFixableError, RuntimeError):
-    """A checkpoint that cannot resume this run; the message says what to do."""
-
-
-class UnsafeCheckpointError(CheckpointError):
-    """A checkpoint file holding objects that would run code when unpickled."""
-
-
-def _deepspeed_safe_globals() -> list:
-    """The non-tensor types DeepSpeed (0.19) pickles into its checkpoint files,
-    allow-listed one by one for weights_only loading."""
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [LossScaler, ZeroStageEnum, fragment_address]
-
-
-@contextlib.contextmanager
-def safe_deepspeed_loads():
-    """Every torch.load inside, DeepSpeed's own included (they pass
-    weights_only=False), runs as weights_only=True with only DeepSpeed's
-    types allowed: a planted pickle payload raises instead of running."""
-    saved = {k: os.environ.pop(k, None) for k in ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")}
-    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
-    try:
-        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
-            yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-def load_rank_state(path: Path) -> dict:
-    """Our own rank file: tensors and plain types only (weights_only=True)."""
-    try:
-        return torch.load(path, weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise UnsafeCheckpointError(_unsafe_message(path, e)) from None
-
-
-def _unsafe_message(path: Path, e: Exception) -> str:
-    first = str(e).strip().splitlines()
-    detail = next((line for line in first if "GLOBAL" in line or "Unsupported" in line), first[0] if first else "")
-    return (f"checkpoint file {path} holds objects other than tensors and plain types ({detail.strip()}); "
-            f"refusing to load it, because unpickling them could run code. Resume from a checkpoint you trust "
-            f"(delete this step's folder to fall back to the previous one)")
-
-
-def checkpoint_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / "checkpoints"
-
-
-def complete_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints, newest first (partial ones have no mi_scale.json
-    and live under a .partial- name)."""
-    root = checkpoint_dir(run_dir)
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.name.startswith("step-") and (p / META).is_file()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]), reverse=True)
+from mi_scale.train.reshard import universal_tag
 
 
 def rng_state() -> dict:
@@ -244,7 +177,6 @@ def _load_deepspeed(engine, ckpt: Path, rank: int) -> None:
     engine was built to reshard (train/reshard.py)."""
     tag = ckpt.name
     if engine.load_universal_checkpoint():
-        from mi_scale.train.reshard import universal_tag
         tag = universal_tag(ckpt, rank)
     with safe_deepspeed_loads():
         path, _ = engine.load_checkpoint(str(ckpt.parent), tag=tag, load_lr_scheduler_states=True)
@@ -284,7 +216,7 @@ def load_latest(engine, run_dir: Path, world_size: int, training_keys: dict, ela
         if int(flag) == 2:
             if isinstance(unsafe, UnsafeCheckpointError):
                 raise unsafe
-            raise UnsafeCheckpointError(_unsafe_message(ckpt, unsafe) if unsafe else
+            raise UnsafeCheckpointError(unsafe_message(ckpt, unsafe) if unsafe else
                                         f"checkpoint {ckpt} holds a file another rank refused to unpickle "
                                         f"(see that rank's error); resume from a checkpoint you trust")
         if int(flag) == 0:

@@ -2,7 +2,7 @@
 
 Works for a checkpoint written at any ZeRO stage by any number of ranks, in
 one plain process: no ranks, no Ray, no GPU. Every file is opened
-memory-mapped and weights-only (checkpoint.safe_deepspeed_loads), so a
+memory-mapped and weights-only (ckpt_files.safe_deepspeed_loads), so a
 tensor costs its own bytes, not the checkpoint's: Adam moments are never
 read. `release()` unmaps the files; callers do it after each output shard,
 so the pages read so far leave this process's memory.
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from mi_scale.train.checkpoint import META, CheckpointError, complete_checkpoints, safe_deepspeed_loads
+from mi_scale.train.ckpt_files import META, CheckpointError, complete_checkpoints, safe_deepspeed_loads
 
 
 def pick_checkpoint(run_dir: Path, step: int | None = None) -> Path:

@@ -30,7 +30,7 @@ import torch
 
 from mi_scale.config import Config
 from mi_scale.errors import UserError
-from mi_scale.train.checkpoint import META, complete_checkpoints, safe_deepspeed_loads
+from mi_scale.train.ckpt_files import META, complete_checkpoints, safe_deepspeed_loads
 from mi_scale.train.dist_env import barrier
 
 UNIVERSAL = "universal"
