@@ -152,11 +152,12 @@ def run(out_dir: str = "runs/bench", corpus_mb: float = 300, train_mb: list[floa
                    "prepare_s": meta["prepare_seconds"], "prepare_mb_s": mb / meta["prepare_seconds"],
                    "prepare_tokens_s": tokens / meta["prepare_seconds"], "prepare_wall_s": wall,
                    "prepare_peak_rss_mb": peak, "floor_s": fl["seconds"], "floor_mb_s": mb / fl["seconds"],
-                   "ratio_to_floor": meta["prepare_seconds"] / fl["seconds"]}
+                   "ratio_to_floor": meta["prepare_seconds"] / fl["seconds"], "load_avg_1m": os.getloadavg()[0]}
             rows.append(row)
             print(f"[bench data] prepare {tok_name:<9} num_proc {n}: {row['prepare_mb_s']:6.1f} MB/s "
                   f"{row['prepare_tokens_s'] / 1e6:6.2f}M tokens/s, peak {peak:6.0f} MiB | floor "
-                  f"{row['floor_mb_s']:6.1f} MB/s | prepare / floor {row['ratio_to_floor']:.2f}", flush=True)
+                  f"{row['floor_mb_s']:6.1f} MB/s | prepare / floor {row['ratio_to_floor']:.2f} (load {row['load_avg_1m']:.1f})",
+                  flush=True)
 
     train_rows = [_train(corpus(mb), mb, work, env) for mb in train_mb]
     fetch = _fetch_time(work, train_mb[-1], env)
@@ -194,9 +195,10 @@ def _train(path: Path, mb: float, work: Path, env: dict) -> dict:
     train = [x for x in rows if x["split"] == "train"]
     row = {"corpus_mb": mb, "prepare_wall_s": prep_s, "prepare_peak_rss_mb": prep_peak, "first_step_s": first,
            "peak_rss_mb_rank0": train[-1]["peak_mem_mb"], "peak_rss_mb_max_rank": train[-1]["peak_mem_mb_max_rank"],
-           "step_time_s": statistics.median(x["step_time_s"] for x in train[5:])}
+           "step_time_s": statistics.median(x["step_time_s"] for x in train[5:]), "load_avg_1m": os.getloadavg()[0]}
     print(f"[bench data] train on {mb:g} MiB: prepare {prep_s:.0f} s (peak {prep_peak:.0f} MiB), first step "
-          f"at {first:.1f} s, per-rank peak RSS {row['peak_rss_mb_max_rank']:.0f} MiB", flush=True)
+          f"at {first:.1f} s, per-rank peak RSS {row['peak_rss_mb_max_rank']:.0f} MiB (load {row['load_avg_1m']:.1f})",
+          flush=True)
     return row
 
 
