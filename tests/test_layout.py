@@ -1,5 +1,5 @@
 """The house: no import circles under mi_scale/ (imports inside functions
-included); user-fixable errors share one base at the bottom (mi_scale/errors.py,
+included), no module over 500 lines; user-fixable errors share one base at the bottom (mi_scale/errors.py,
 which imports nothing of ours) and the CLI turns any of them into one line, exit 2."""
 
 from __future__ import annotations
@@ -123,3 +123,10 @@ def test_cli_prints_a_report_error_as_one_line_exit_2(tmp_path, capsys):
     assert cli.main(["report", str(missing)]) == 2
     err = capsys.readouterr().err
     assert err == f"error: {missing}: not a run directory (no config.yaml) and holds none\n"
+
+
+def test_no_module_over_500_lines():
+    """One module, one job: a module that grows past 500 lines holds several."""
+    sizes = {str(p.relative_to(PACKAGE.parent)): len(p.read_text().splitlines()) for p in PACKAGE.rglob("*.py")}
+    assert len(sizes) > 40 and max(sizes.values()) > 100  # the walk finds the package
+    assert {p: n for p, n in sizes.items() if n > 500} == {}

@@ -6,7 +6,7 @@ optimizer sub-group turns a whole fp32 partition into a transient copy. Here
 every knob follows the model's largest tensor (a bucket must hold one) and is
 capped by a small share of the memory each rank has.
 
-`mi-scale plan` (mi_scale/plan.py) predicts peaks from these same numbers.
+`mi-scale plan` (mi_scale/plan/) predicts peaks from these same numbers.
 """
 
 from __future__ import annotations
