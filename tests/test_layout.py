@@ -1,10 +1,11 @@
 """The house: no import circles under mi_scale/ (imports inside functions
-included); user-fixable errors share one base at the bottom (mi_scale/errors.py,
+included), no module over 500 lines; user-fixable errors share one base at the bottom (mi_scale/errors.py,
 which imports nothing of ours) and the CLI turns any of them into one line, exit 2."""
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 from mi_scale import cli
@@ -123,3 +124,23 @@ def test_cli_prints_a_report_error_as_one_line_exit_2(tmp_path, capsys):
     assert cli.main(["report", str(missing)]) == 2
     err = capsys.readouterr().err
     assert err == f"error: {missing}: not a run directory (no config.yaml) and holds none\n"
+
+
+def test_no_module_over_500_lines():
+    """One module, one job: a module that grows past 500 lines holds several."""
+    sizes = {str(p.relative_to(PACKAGE.parent)): len(p.read_text().splitlines()) for p in PACKAGE.rglob("*.py")}
+    assert len(sizes) > 40 and max(sizes.values()) > 100  # the walk finds the package
+    assert {p: n for p, n in sizes.items() if n > 500} == {}
+
+
+def test_readme_layout_names_every_module():
+    """README's Layout section names each module (by file stem) of the tree."""
+    readme = (PACKAGE.parent / "README.md").read_text()
+    layout = readme[readme.index("## Layout"):]
+    layout = layout[:layout.index("\n## ")] if "\n## " in layout else layout
+    words = set(re.findall(r"[\w.]+", layout))
+    stems = {p.stem for p in PACKAGE.rglob("*.py") if not p.stem.startswith("__")}
+    packages = {p.parent.name for p in PACKAGE.rglob("__init__.py") if p.parent != PACKAGE}
+    assert len(stems) > 40
+    assert sorted(s for s in stems if s not in words and f"{s}.py" not in words) == []
+    assert sorted(p for p in packages if f"mi_scale/{p}/" not in layout) == []

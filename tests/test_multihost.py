@@ -165,13 +165,11 @@ def test_losing_host_b_elastic_finishes_on_a_like_a_resume(hosts, tmp_path):
 
 
 def test_run_dir_not_shared_between_hosts_is_refused(hosts, tmp_path):
-    """Host B keeps the output dir on its own tmpfs: rank 0 on A cannot see B's files."""
+    """Host B keeps the output dir on its own tmpfs: rank 0 on A cannot see B's files.
+    The module's last test: host B stays that way until the fixture's teardown."""
     (tmp_path / "local").mkdir()
     hosts.restart_b(private_dir=str(tmp_path / "local"))
-    try:
-        r = train_on_a(hosts, str(write_cfg(tmp_path / "local", "unshared")))
-    finally:
-        hosts.restart_b()
+    r = train_on_a(hosts, str(write_cfg(tmp_path / "local", "unshared")))
     assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-3000:]
     assert r.stderr.strip().splitlines() in [[
         f"error: run.output_dir: {tmp_path / 'local'} is not shared between nodes: rank 0 on {a} does not see "

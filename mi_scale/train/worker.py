@@ -5,9 +5,10 @@ or a plain process (which becomes a world of 1):
 
     python -m mi_scale.train.worker RUN_DIR/config.yaml [--resume]
 
-Per step: grad_accum micro-batches, each a forward of model + MI term inside
-the DeepSpeed engine, engine.backward, engine.step. Rank 0 logs; all ranks
-checkpoint together.
+run_worker = build_parts (process group, data, model + MI objective, engine,
+resume, tracker) then train_loop. Per step: grad_accum micro-batches, each a
+forward of model + MI term inside the DeepSpeed engine, engine.backward,
+engine.step. Rank 0 logs; all ranks checkpoint together.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ import resource
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -136,6 +139,34 @@ def run_worker(cfg: Config, resume: bool = False, on_checkpoint=None, stop_flag=
     after each checkpoint; `stop_flag` the driver's stop request (train/stop.py).
     Returns the final summary (same on every rank); after a stop request it
     holds "interrupted": {"step", "signal", "checkpoint"}."""
+    return train_loop(build_parts(cfg, resume), on_checkpoint, stop_flag)
+
+
+@dataclass
+class Parts:
+    """What the step loop uses, built once by build_parts: building the parts
+    apart from the loop that uses them (as torchtitan's trainer does)."""
+    cfg: Config
+    rank: int
+    world: int
+    run_dir: Path
+    dev: torch.device
+    bundle: Any  # data.DataBundle
+    objective: Any  # train.objective.Objective
+    engine: Any  # the DeepSpeed engine wrapping the objective
+    batches: Any  # data.ShardedBatches, at the resumed position
+    tracker: Optional[Tracker]  # rank 0 only
+    start_step: int
+    samples_seen: int
+    tokens_per_sample: int
+    flops_per_step: float
+    peak: Optional[float]  # peak FLOP/s per rank that all ranks agree on; None when unknown
+
+
+def build_parts(cfg: Config, resume: bool = False) -> Parts:
+    """Process group, data, model + MI objective, DeepSpeed engine, the resumed
+    checkpoint (another world size resharded), tracker and throughput
+    constants; ends with the `workers set up` line."""
     from mi_scale.data import ShardedBatches, build_data
     from mi_scale.train.engine import build_engine, check_nvme_offload
 
@@ -217,6 +248,18 @@ def run_worker(cfg: Config, resume: bool = False, on_checkpoint=None, stop_flag=
     mark("peak FLOP/s")
     if rank == 0:
         console.phase("workers set up", detail=f"{t_mark - t_setup:.1f} s: " + ", ".join(parts))
+    return Parts(cfg, rank, world, run_dir, dev, bundle, objective, engine, batches, tracker, start_step,
+                 samples_seen, tokens_per_sample, flops_per_step, peak)
+
+
+def train_loop(p: Parts, on_checkpoint=None, stop_flag=None) -> dict:
+    """The step loop: train, log, evaluate and checkpoint until train.steps or
+    an agreed stop; returns the summary (run_worker's)."""
+    cfg, rank, world, run_dir, dev = p.cfg, p.rank, p.world, p.run_dir, p.dev
+    bundle, objective, engine, batches, tracker = p.bundle, p.objective, p.engine, p.batches, p.tracker
+    start_step, samples_seen, tokens_per_sample = p.start_step, p.samples_seen, p.tokens_per_sample
+    flops_per_step, peak = p.flops_per_step, p.peak
+    t = cfg.train
     last_eval: dict = {}
     if cfg.model.init_from and start_step == 0:  # where the loaded weights start
         last_eval = evaluate(engine, bundle.test, cfg, rank, world)
