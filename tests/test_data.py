@@ -277,6 +277,11 @@ def _take(batches, k):
 def test_order_follows_the_documented_permutation(toy):
     sb = ShardedBatches(toy, batch_size=4, rank=1, world_size=2, seed=5)
     perm = torch.randperm(N, generator=torch.Generator().manual_seed(5))
+    # the order is held as int32 (half the memory): the same permutation torch draws as int64
+    assert sb._order(0).dtype == torch.int32 and torch.equal(sb._order(0).long(), perm)
+    big = 3_000_000
+    assert torch.equal(torch.randperm(big, generator=torch.Generator().manual_seed(2), dtype=torch.int32).long(),
+                       torch.randperm(big, generator=torch.Generator().manual_seed(2)))
     assert sb.batches_per_epoch == 12  # floor(103 / 8)
     assert torch.equal(sb.peek_indices(), perm[4:8])  # rank 1's slice of global batch 0
     batch = sb.next_batch()

@@ -343,6 +343,6 @@ def test_plan_data_line_counts_sample_order_and_one_batch(tmp_path):
     prepared = prepare.ensure_prepared(cfg.data)
     nbytes, note = plan.data_bytes(cfg, facts)
     samples = prepared.tokens("train") // 17
-    assert nbytes == 8 * samples + 4 * 17 * (2 + 8) + 2 * 4 * 16 * 8
+    assert nbytes == 4 * samples + 4 * 17 * (2 + 8) + 2 * 4 * 16 * 8
     assert f"of tokens in {prepared.path}, read through the page cache" in note
     assert plan.plan(cfg, advise=False).phases["forward_backward"]["data"] == nbytes

@@ -71,20 +71,26 @@ class ShardedBatches:
         div = self.num_samples / self.global_batch_size
         return int(div) if self.drop_last else math.ceil(div)
 
+    @property
+    def _index_dtype(self) -> torch.dtype:
+        # int32 halves the order's memory (4 B per sample: 57 MB for 1 GB of bytes at
+        # seq_len 64); torch.randperm draws the same permutation in either dtype
+        return torch.int32 if self.num_samples < 2**31 else torch.int64
+
     def _order(self, epoch: int) -> torch.Tensor:
         if self._perm_epoch != epoch:  # one permutation per epoch, computed once
             if self.shuffle:
                 g = torch.Generator().manual_seed(self.seed + epoch)
-                self._perm = torch.randperm(self.num_samples, generator=g)
+                self._perm = torch.randperm(self.num_samples, generator=g, dtype=self._index_dtype)
             else:
-                self._perm = torch.arange(self.num_samples)
+                self._perm = torch.arange(self.num_samples, dtype=self._index_dtype)
             self._perm_epoch = epoch
         return self._perm
 
     def peek_indices(self) -> torch.Tensor:
         """Dataset indices of this rank's next batch, without advancing."""
         start = self.batch_in_epoch * self.global_batch_size + self.rank * self.batch_size
-        return self._order(self.epoch)[start:start + self.batch_size]  # short at the very end
+        return self._order(self.epoch)[start:start + self.batch_size].long()  # short at the very end
 
     def next_batch(self) -> dict[str, torch.Tensor]:
         idx = self.peek_indices()

@@ -30,7 +30,7 @@ stage3.py, then measured):
                activation checkpointing: the block inputs, one recomputed block.
     MI term    per hooked layer the sampled tokens (B P d p) and sketches
                (B P k fp32, all-gathered to W B P k), with their gradients.
-    data       LM: the epoch's sample order (8 B per sample) and one batch of
+    data       LM: the epoch's sample order (4 B per sample) and one batch of
                windows (int64, x and y); the token file itself is read through
                the page cache, shared by a node's ranks and reclaimable, so it
                is a note, not a line. Classification: the arrays in memory.
@@ -156,11 +156,11 @@ def data_bytes(cfg: Config, m: ModelFacts) -> tuple[int, str]:
     prepared = prepare.find_prepared(d) if d.name in ("text", "files", "hub") else None
     if prepared is None:
         return batch_bytes(d.batch_size, d.seq_len, 2), (
-            "data: not prepared yet (`mi-scale prepare CONFIG`), so the sample order's 8 B per "
+            "data: not prepared yet (`mi-scale prepare CONFIG`), so the sample order's 4 B per "
             "sample is not counted")
     samples = prepared.tokens("train") // (d.seq_len + 1)
     on_disk = sum((prepared.path / f).stat().st_size for f in ("train.bin", "test.bin"))
-    return samples * 8 + batch_bytes(d.batch_size, d.seq_len, prepared.dtype.itemsize), (
+    return samples * 4 + batch_bytes(d.batch_size, d.seq_len, prepared.dtype.itemsize), (
         f"data: {fmt_bytes(on_disk)} of tokens in {prepared.path}, read through the page cache (shared by "
         f"the node's ranks, reclaimable; not counted above)")
 
