@@ -6,7 +6,7 @@
    the same run: a bare `datasets.map(batched=True, num_proc=N)` of the same
    tokenizer over the same loaded files (no separators, no token file). Each
    runs in its own process, alternating which goes first; prepare's peak is
-   the whole process tree's RSS.
+   the whole process tree's anonymous RSS (mapped file pages are page cache).
 2. fetching one batch of windows from the token file, against the model's
    step time (from the training runs of 3).
 3. per-rank peak RSS and command-to-first-step of a 2-rank `mi-scale train`
@@ -29,8 +29,18 @@ from pathlib import Path
 MiB = 2**20
 
 
+def _anon_mib(pid: int) -> float:
+    """Anonymous resident memory of a process (RssAnon): what it really holds. Its RSS also
+    counts the pages of memory-mapped files it reads (the Arrow cache, the token file),
+    which are page cache the kernel reclaims at will."""
+    with open(f"/proc/{pid}/status") as f:
+        kib = [int(line.split()[1]) for line in f if line.startswith("RssAnon:")]
+    return kib[0] / 1024 if kib else 0.0  # a process that is exiting has none
+
+
 def _run_measured(cmd: list[str], env: dict | None = None) -> tuple[subprocess.CompletedProcess, float]:
-    """Run cmd; return it and the peak RSS (MiB) of its whole process tree, sampled every 0.1 s."""
+    """Run cmd; return it and the peak anonymous RSS (MiB) of its whole process tree, sampled
+    every 0.1 s."""
     import psutil
 
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -41,9 +51,8 @@ def _run_measured(cmd: list[str], env: dict | None = None) -> tuple[subprocess.C
         while proc.poll() is None:
             try:
                 root = psutil.Process(proc.pid)
-                rss = sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
-                peak[0] = max(peak[0], rss / MiB)
-            except psutil.Error:
+                peak[0] = max(peak[0], sum(_anon_mib(p.pid) for p in [root, *root.children(recursive=True)]))
+            except (psutil.Error, OSError, StopIteration):
                 pass
             time.sleep(0.1)
 
@@ -151,11 +160,11 @@ def run(out_dir: str = "runs/bench", corpus_mb: float = 300, train_mb: list[floa
             row = {"tokenizer": tok_name, "num_proc": n, "text_mb": round(mb, 1), "tokens": tokens,
                    "prepare_s": meta["prepare_seconds"], "prepare_mb_s": mb / meta["prepare_seconds"],
                    "prepare_tokens_s": tokens / meta["prepare_seconds"], "prepare_wall_s": wall,
-                   "prepare_peak_rss_mb": peak, "floor_s": fl["seconds"], "floor_mb_s": mb / fl["seconds"],
+                   "prepare_peak_anon_mb": peak, "floor_s": fl["seconds"], "floor_mb_s": mb / fl["seconds"],
                    "ratio_to_floor": meta["prepare_seconds"] / fl["seconds"], "load_avg_1m": os.getloadavg()[0]}
             rows.append(row)
             print(f"[bench data] prepare {tok_name:<9} num_proc {n}: {row['prepare_mb_s']:6.1f} MB/s "
-                  f"{row['prepare_tokens_s'] / 1e6:6.2f}M tokens/s, peak {peak:6.0f} MiB | floor "
+                  f"{row['prepare_tokens_s'] / 1e6:6.2f}M tokens/s, peak {peak:6.0f} MiB anon | floor "
                   f"{row['floor_mb_s']:6.1f} MB/s | prepare / floor {row['ratio_to_floor']:.2f} (load {row['load_avg_1m']:.1f})",
                   flush=True)
 
@@ -193,10 +202,10 @@ def _train(path: Path, mb: float, work: Path, env: dict) -> dict:
     first = float(re.search(r"first step\s+([\d.]+) s", r.stdout)[1])
     rows = [json.loads(line) for line in (work / "runs" / name / "metrics.jsonl").read_text().splitlines()]
     train = [x for x in rows if x["split"] == "train"]
-    row = {"corpus_mb": mb, "prepare_wall_s": prep_s, "prepare_peak_rss_mb": prep_peak, "first_step_s": first,
+    row = {"corpus_mb": mb, "prepare_wall_s": prep_s, "prepare_peak_anon_mb": prep_peak, "first_step_s": first,
            "peak_rss_mb_rank0": train[-1]["peak_mem_mb"], "peak_rss_mb_max_rank": train[-1]["peak_mem_mb_max_rank"],
            "step_time_s": statistics.median(x["step_time_s"] for x in train[5:]), "load_avg_1m": os.getloadavg()[0]}
-    print(f"[bench data] train on {mb:g} MiB: prepare {prep_s:.0f} s (peak {prep_peak:.0f} MiB), first step "
+    print(f"[bench data] train on {mb:g} MiB: prepare {prep_s:.0f} s (peak {prep_peak:.0f} MiB anon), first step "
           f"at {first:.1f} s, per-rank peak RSS {row['peak_rss_mb_max_rank']:.0f} MiB (load {row['load_avg_1m']:.1f})",
           flush=True)
     return row

@@ -387,7 +387,7 @@ class _SplitWriter:
         starts = self.tokens + np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
         self.idx.write(starts.tobytes())
         values = ids.flatten().to_numpy(zero_copy_only=False)
-        self.bin.write(np.ascontiguousarray(values, dtype=self.dtype).tobytes())
+        self.bin.write(memoryview(np.ascontiguousarray(values, dtype=self.dtype)))  # no copy of a piece
         self.tokens += int(lengths.sum())
         self.documents += len(lengths)
 
