@@ -90,7 +90,6 @@ def floor(path: str, tokenizer: str, num_proc: int, cache_dir: str) -> None:
 def run(out_dir: str = "runs/bench", corpus_mb: float = 300, train_mb: list[float] | None = None,
         num_procs: list[int] | None = None, bpe_vocab: int = 8192, bpe_mb: float = 50) -> dict:
     from mi_scale import config as config_mod
-    from mi_scale.data import prepare
     from mi_scale.data.make_corpus import write_jsonl
 
     train_mb = train_mb or [10, 1024]

@@ -17,7 +17,7 @@ import numpy as np
 from . import prepare, sources
 from .errors import DataError
 from .hub import load_hub
-from .prepare import TEST_SPLITS
+from .encode_corpus import TEST_SPLITS
 from .tokens import load_tokenizer
 from .windows import TokenWindows
 
