@@ -23,7 +23,7 @@ def measure(cfg: Config, timeout: float = 3600, env: Optional[dict] = None, max_
     """Run `cfg` for real on this machine (cluster.num_workers ranks under
     torchrun, CPU; at most `max_steps` steps and one eval batch: the peak is
     reached by the second step) and return the peak RSS of the largest rank:
-    each rank's own ru_maxrss, max over ranks, as the worker logs it on every
+    each rank's own peak RSS (VmHWM), max over ranks, as the worker logs it on every
     train row (`peak_mem_mb_max_rank`). Read from the ranks themselves, not
     from the process tree, so that no other descendant (a compiler building
     a DeepSpeed op, say) can count. The run writes to a temporary directory,

@@ -111,3 +111,18 @@ def return_freed_memory_to_os(threshold_bytes: int = 1 << 20) -> None:
         libc.mallopt(M_MMAP_THRESHOLD, int(threshold_bytes))
     except (OSError, AttributeError):
         pass
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory: Linux's VmHWM. Not ru_maxrss: through
+    fork + exec it keeps the parent's peak, so a rank started from a 1.4 GB
+    process (pytest, a notebook, a launcher) reported 1.4 GB whatever it used."""
+    try:
+        with open("/proc/self/status") as f:
+            kib = [int(line.split()[1]) for line in f if line.startswith("VmHWM:")]
+        if kib:
+            return kib[0] * 1024
+    except OSError:
+        pass
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB

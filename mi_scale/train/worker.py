@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import random
-import resource
 import signal
 import sys
 import time
@@ -130,7 +129,8 @@ def evaluate(engine, test_set, cfg: Config, rank: int, world: int) -> dict:
 def _peak_memory_mb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    from mi_scale.train.memory import peak_rss_bytes
+    return peak_rss_bytes() / 2**20
 
 
 def run_worker(cfg: Config, resume: bool = False, on_checkpoint=None, stop_flag=None) -> dict:
