@@ -6,9 +6,7 @@ a start-up failure names its cause."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import socket
 import subprocess
 import time
@@ -18,6 +16,7 @@ import pytest
 
 from mi_scale import config as config_mod
 from netns_hosts import A, B, PY, REPO, Hosts, can_make_namespaces
+from test_orchestrate import losses  # each step once, then the losses
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(can_make_namespaces() is not None,
                                                      reason=str(can_make_namespaces()))]
@@ -42,13 +41,6 @@ def write_cfg(tmp: Path, name: str, *overrides: str) -> Path:
     path = tmp / f"{name}.yaml"
     config_mod.save(cfg, path)
     return path
-
-
-def losses(run_dir: Path) -> list[float]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    train = [r for r in rows if r["split"] == "train"]
-    assert [r["step"] for r in train] == list(range(1, len(train) + 1)), "each step exactly once"
-    return [r["loss"] for r in train]
 
 
 def train_on_a(hosts: Hosts, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
