@@ -57,9 +57,6 @@ class Prepared:
     def tokens(self, split: str) -> int:
         return self.meta["splits"][split]["tokens"]
 
-    def tokenizer_spec(self) -> str:
-        return str(self.path / "tokenizer") if (self.path / "tokenizer").is_dir() else "byte"
-
     @classmethod
     def open(cls, path: Path) -> "Prepared":
         """Read meta.json and check every file's size against it: a truncated or
@@ -163,10 +160,9 @@ def prepare_for_run(cfg, say) -> None:
 
 
 def _is_text_source(cfg) -> bool:
-    raw = sources.local_files(cfg.path, cfg.format)[0] if cfg.name == "files" else load_hub(cfg.path)
+    raw, fmt = sources.local_files(cfg.path, cfg.format) if cfg.name == "files" else (load_hub(cfg.path), None)
     columns = raw["train"].column_names if "train" in raw else []
-    return text_field(cfg, sources.resolve_files(cfg.path, cfg.format)[1] if cfg.name == "files"
-                       else None) in columns
+    return text_field(cfg, fmt) in columns
 
 
 def run_cli(cfg, num_proc: int | None, train_tokenizer: int | None) -> Prepared:
