@@ -4,13 +4,12 @@ Without an address an embedded local Ray is started for the run (sized to
 the machine, temp dir short and private) and shut down at the end; with
 `--address auto` or `ray://host:port` the same job runs on that cluster.
 
-Checkpoints: the run dir's own atomic checkpoints are the source of truth
-for resuming (they work under every launcher and are validated before use).
-Each one is also reported to Ray Train, which copies it to
-cluster.storage_path (a local folder or s3:// / gs:// URI) and keeps the last
-train.keep_last. When a worker dies and cluster.max_failures allows,
+Checkpoints: each one is also reported to Ray Train, which copies it to
+cluster.storage_path and keeps the last train.keep_last (ckpt_storage.py:
+the run dir's copy is the truth when every rank shares it, storage's when
+each node keeps its own). When a worker dies and cluster.max_failures allows,
 Ray restarts the worker group and the workers resume from the latest complete
-run-dir checkpoint, or from Ray's copy if the run dir has none (a fresh node).
+checkpoint.
 
 Console: workers and the controller send our lines to the driver through a
 Ray queue (mi_scale/console.py); Ray's log streaming is off unless --verbose.
@@ -22,10 +21,8 @@ the step the group resumed from.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
-import shutil
 import socket
 import time
 import traceback
@@ -171,47 +168,36 @@ def _empty_loop(loop_config: dict) -> None:
 def _train_on_worker(cfg: Config, loop_config: dict, rank: int) -> None:
     import ray.train
 
-    from mi_scale.train.checkpoint import META, complete_checkpoints
+    from mi_scale import ckpt_storage
     from mi_scale.train.shared_dir import check_shared
     from mi_scale.train.worker import run_worker
 
-    check_shared(cfg.run_dir(), rank, ray.train.get_context().get_world_size(), loop_config["run_token"])
+    run_dir = cfg.run_dir()
+    view = check_shared(run_dir, rank, ray.train.get_context().get_world_size(), loop_config["run_token"],
+                        cfg.cluster.storage_path)
+    if not view.shared and cfg.tracking.log_model:
+        from mi_scale.errors import UserError
+        raise UserError("tracking.log_model=true exports the final checkpoint from rank 0's run dir, which holds "
+                        "only its node's files when run.output_dir is not shared between nodes: set it to "
+                        f"false and run `mi-scale export {run_dir}` on the driver's host after the run (the "
+                        "driver copies the final checkpoint there from cluster.storage_path)")
 
     # Ray restarts the group after a failure by calling this function again:
     # a marker per rank and per `mi-scale train` command says this rank
     # started before, so it resumes from the run dir's checkpoints. (Ray's
     # get_checkpoint() alone misses a failure before the first report.)
-    marker = console.log_dir(cfg.run_dir()) / f".started-{loop_config['run_token']}-rank{rank}"
+    marker = console.log_dir(run_dir) / f".started-{loop_config['run_token']}-rank{rank}"
     restarted = marker.exists()
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text("")
-    restored = ray.train.get_checkpoint()
-    resume = loop_config["resume"] or restarted or restored is not None
-    if restored is not None and not complete_checkpoints(cfg.run_dir()):
-        # The run dir lost its checkpoints (e.g. a new node): copy Ray's in.
-        # Ray names its copy checkpoint_<time>; resume looks for the step-N
-        # name the checkpoint records. Copied aside, then renamed: atomic,
-        # and the first rank to finish wins.
-        with restored.as_directory() as d:
-            src = Path(d)
-            dst = cfg.run_dir() / "checkpoints" / json.loads((src / META).read_text())["tag"]
-            if not dst.exists():
-                partial = dst.parent / f".partial-restore-rank{rank}-{dst.name}"
-                shutil.copytree(src, partial, dirs_exist_ok=True)
-                try:
-                    os.replace(partial, dst)
-                except OSError:  # another rank's copy is already in place
-                    shutil.rmtree(partial, ignore_errors=True)
+    restored = ckpt_storage.restore(run_dir, rank, view)  # Ray's stored copy, where the run dir lacks one
+    resume = loop_config["resume"] or restarted or restored
 
     def on_checkpoint(path: Path, step: int, metrics: dict) -> None:
-        from ray.train import Checkpoint
-        # Every worker reports (Ray Train synchronizes reports); rank 0 attaches the checkpoint.
-        headline = {k: metrics[k] for k in ("loss", "task_loss", "mi_mean", "eval_loss", "eval_accuracy")
-                    if k in metrics}
-        ray.train.report({"step": step, **headline},
-                         checkpoint=Checkpoint.from_directory(str(path)) if rank == 0 else None)
+        ckpt_storage.report(path, run_dir, step, metrics, rank, view)
 
-    summary = run_worker(cfg, resume=resume, on_checkpoint=on_checkpoint, stop_flag=loop_config["stop_flag"])
+    summary = run_worker(cfg, resume=resume, on_checkpoint=on_checkpoint, stop_flag=loop_config["stop_flag"],
+                         checkpoint_leader=view.leader)
     if rank == 0 and "interrupted" in summary:
         console.event("interrupted", **summary["interrupted"])
 
@@ -313,6 +299,10 @@ def run(cfg: Config, resume: bool = False, verbose: bool = False, empty_loop: bo
     cfg.run.output_dir = str(run_dir.parent)  # workers may start in another cwd
     logs = console.log_dir(run_dir)
     driver_log = _log_driver(logs / "driver.log", verbose)
+    if cfg.cluster.storage_path and not (run_dir / "config.yaml").exists():
+        # rank 0 may write the run dir on another node: `mi-scale resume` here needs the config
+        from mi_scale import config as config_mod
+        config_mod.save(cfg, run_dir / "config.yaml")
     started = start_ray(cfg, verbose)
     t_ray = time.time()
     c = cfg.cluster
@@ -347,6 +337,9 @@ def run(cfg: Config, resume: bool = False, verbose: bool = False, empty_loop: bo
             result = trainer.fit()
         if result.error is not None:
             raise result.error
+        if c.storage_path:
+            from mi_scale.ckpt_storage import bring_home
+            bring_home(result.checkpoint, run_dir)
     except KeyboardInterrupt:
         if not signals.signum:
             raise

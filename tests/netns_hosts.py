@@ -113,9 +113,12 @@ class Hosts:
             time.sleep(1)
         self.start_node(B, private_dir)
 
-    def python(self, host: str, code: str, timeout: float = 120) -> str:
-        r = subprocess.run(self.cmd(host, [PY, "-c", code]), env=self.env, capture_output=True, text=True,
-                           timeout=timeout)
+    def python(self, host: str, code: str, timeout: float = 120, as_node: bool = False) -> str:
+        """`code`'s output, run on the host; as_node: with the files its Ray node sees
+        (each `ip netns exec` gets its own mount namespace, so a private_dir is seen only there)."""
+        argv = (["nsenter", "-t", str(self.nodes[host].pid), "-m", "-n", PY, "-c", code] if as_node
+                else self.cmd(host, [PY, "-c", code]))
+        r = subprocess.run(argv, env=self.env, capture_output=True, text=True, timeout=timeout)
         assert r.returncode == 0, r.stderr[-3000:]
         return r.stdout
 

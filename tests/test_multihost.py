@@ -166,4 +166,55 @@ def test_run_dir_not_shared_between_hosts_is_refused(hosts, tmp_path):
     assert r.stderr.strip().splitlines() in [[
         f"error: run.output_dir: {tmp_path / 'local'} is not shared between nodes: rank 0 on {a} does not see "
         f"the files of rank 1 on {b}, so checkpoint shards would stay on each node; set run.output_dir to a "
-        f"filesystem every node mounts at the same path (NFS, Lustre, a cloud file store)"] for a, b in ((A, B), (B, A))]
+        f"filesystem every node mounts at the same path (NFS, Lustre, a cloud file store), or set "
+        f"cluster.storage_path (a folder every node sees, or s3:// / gs://) to carry the checkpoints"]
+        for a, b in ((A, B), (B, A))]
+
+
+def test_storage_path_carries_checkpoints_between_node_local_run_dirs(hosts, tmp_path):
+    """Host B keeps run.output_dir on its own tmpfs; cluster.storage_path (a folder
+    both hosts see, standing in for s3://) carries the checkpoints. Rank 1 fails
+    at step 6: the restarted group downloads the stored step-4 checkpoint into
+    each node's run dir and finishes with the losses of an uninterrupted run."""
+    from distributed_helpers import free_port
+    from test_orchestrate import env as local_env
+
+    steps = ("train.steps=8", "train.checkpoint_every=4", "train.eval_every=8")
+    ref_cfg = write_cfg(tmp_path, "ref", *steps)
+    ref = subprocess.run([PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          str(free_port()), "-m", "mi_scale.train.worker", str(ref_cfg)],
+                         capture_output=True, text=True, env=local_env(), timeout=300, cwd=REPO)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+
+    local, store = tmp_path / "local", tmp_path / "store"
+    local.mkdir()
+    hosts.restart_b(private_dir=str(local))
+    # max_failures=2: the fault fires once per node's run dir, and Ray may move rank 1 to the other host
+    r = train_on_a(hosts, str(write_cfg(local, "stored", *steps, f"cluster.storage_path={store}",
+                                        "cluster.max_failures=2", "fault.fail_at_step=6", "fault.fail_rank=1")))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    lines = r.stdout.splitlines()
+    assert any(line.startswith("[mi-scale] run.output_dir is not shared between nodes (rank 0 on ")
+               and line.endswith(f"each node keeps its own run dir, and checkpoints go through "
+                                 f"cluster.storage_path={store}") for line in lines), r.stdout
+    assert any(line.startswith("[mi-scale] worker rank 1 ") and line.endswith("resumed from step 4")
+               for line in lines), r.stdout
+    run_dir = local / "stored"  # the driver's (host A's) run dir
+    assert losses(run_dir) == losses(tmp_path / "ref")  # every step once, equal to the uninterrupted run
+    # storage holds whole checkpoints (both ranks' files, the run's files); the driver's run dir got the final one
+    final = json.loads((run_dir / "checkpoints" / "step-00000008" / "mi_scale.json").read_text())
+    assert final["step"] == 8 and final["world_size"] == 2
+    stored = sorted(p for p in (store / "stored").glob("checkpoint_*") if p.is_dir())
+    assert len(stored) == 2
+    for ckpt in stored:
+        names = {p.name for p in ckpt.iterdir()}
+        assert {"rank-0000.pt", "rank-0001.pt", "mi_scale.json", "metrics.jsonl", "config.yaml"} <= names, names
+    assert {p.name for p in (run_dir / "checkpoints" / "step-00000008").iterdir()} == \
+        {p.name for p in stored[-1].iterdir()}
+    # host B's run dir holds no checkpoint with only its own files: what it uploaded is deleted there,
+    # and what it downloaded to resume from is whole
+    on_b = json.loads(hosts.python(B, f"import json, pathlib; print(json.dumps({{p.name: sorted(f.name for f in "
+                                      f"p.iterdir()) for p in pathlib.Path({str(run_dir / 'checkpoints')!r}).iterdir()}}))", as_node=True))
+    assert set(on_b) <= {"step-00000004"}, on_b
+    for files in on_b.values():
+        assert {"rank-0000.pt", "rank-0001.pt", "mi_scale.json"} <= set(files), files

@@ -56,17 +56,21 @@ def _write_json_durably(path: Path, data: dict) -> None:
 
 
 def save(engine, run_dir: Path, step: int, meta: dict, rank_state: dict, keep_last: int,
-         kill_at: int | None = None) -> Path:
+         kill_at: int | None = None, leader: int = 0) -> Path:
     """Collective: every rank calls it. Returns the final checkpoint path.
+    `leader`: the rank that renames this rank's files into place, the lowest
+    that sees this rank's run dir (train/shared_dir.py): rank 0 when the run
+    dir is shared; else each node's folder holds only its own ranks' files and
+    only rank 0's has mi_scale.json, so none looks complete on its own.
     `kill_at` (test-only, fault.kill_during_checkpoint) ends the process
     abruptly after the DeepSpeed files of that step are half-way written."""
     rank = dist.get_rank()
     root = checkpoint_dir(run_dir)
     tag = f"step-{step:08d}"
     partial = root / f".partial-{tag}"
-    if rank == 0:
+    if rank == leader:
         shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
+        (partial / tag).mkdir(parents=True)
     barrier()
     engine.save_checkpoint(str(partial), tag=tag, save_latest=False)
     torch.save(rank_state, partial / tag / f"rank-{rank:04d}.pt")
@@ -74,12 +78,14 @@ def save(engine, run_dir: Path, step: int, meta: dict, rank_state: dict, keep_la
         os._exit(137)
     barrier()
     final = root / tag
-    if rank == 0:
-        _write_json_durably(partial / tag / META, {**meta, "step": step, "tag": tag})
+    if rank == leader:
+        if rank == 0:
+            _write_json_durably(partial / tag / META, {**meta, "step": step, "tag": tag})
         if final.exists():  # a re-save of the same step (e.g. after a restart)
             shutil.rmtree(final)
         os.replace(partial / tag, final)
         shutil.rmtree(partial, ignore_errors=True)
+    if rank == 0:
         for old in complete_checkpoints(run_dir)[keep_last:]:
             shutil.rmtree(old, ignore_errors=True)
     barrier()

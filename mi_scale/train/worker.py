@@ -133,13 +133,16 @@ def _peak_memory_mb() -> float:
     return peak_rss_bytes() / 2**20
 
 
-def run_worker(cfg: Config, resume: bool = False, on_checkpoint=None, stop_flag=None) -> dict:
+def run_worker(cfg: Config, resume: bool = False, on_checkpoint=None, stop_flag=None,
+               checkpoint_leader: int = 0) -> dict:
     """Train on this rank. `on_checkpoint(path, step, metrics)` is the
     orchestrator's hook (Ray reports the checkpoint), called on every rank
-    after each checkpoint; `stop_flag` the driver's stop request (train/stop.py).
+    after each checkpoint; `stop_flag` the driver's stop request (train/stop.py);
+    `checkpoint_leader` the rank that renames this rank's checkpoint files
+    into place (checkpoint.save).
     Returns the final summary (same on every rank); after a stop request it
     holds "interrupted": {"step", "signal", "checkpoint"}."""
-    return train_loop(build_parts(cfg, resume), on_checkpoint, stop_flag)
+    return train_loop(build_parts(cfg, resume), on_checkpoint, stop_flag, checkpoint_leader)
 
 
 @dataclass
@@ -252,7 +255,7 @@ def build_parts(cfg: Config, resume: bool = False) -> Parts:
                  samples_seen, tokens_per_sample, flops_per_step, peak)
 
 
-def train_loop(p: Parts, on_checkpoint=None, stop_flag=None) -> dict:
+def train_loop(p: Parts, on_checkpoint=None, stop_flag=None, checkpoint_leader: int = 0) -> dict:
     """The step loop: train, log, evaluate and checkpoint until train.steps or
     an agreed stop; returns the summary (run_worker's)."""
     cfg, rank, world, run_dir, dev = p.cfg, p.rank, p.world, p.run_dir, p.dev
@@ -335,7 +338,7 @@ def train_loop(p: Parts, on_checkpoint=None, stop_flag=None) -> dict:
                 t_save = time.perf_counter()
                 path = checkpoint.save(engine, run_dir, done, meta,
                                        {"rng": checkpoint.rng_state(), "data": batches.state_dict()}, t.keep_last,
-                                       kill_at=cfg.fault.kill_during_checkpoint)
+                                       kill_at=cfg.fault.kill_during_checkpoint, leader=checkpoint_leader)
                 if rank == 0:
                     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
                     console.say(f"[mi-scale] checkpoint {path.name}: {size / 2**30:.2f} GiB, saved in "
