@@ -6,7 +6,9 @@ on several hosts rank 1 dials rank 0 at 127.0.0.1 and the group never forms.
 Ray already knows an address that every node reaches: the node's Ray IP. So
 before torch's process group starts, each worker binds gloo (and NCCL) to the
 interface carrying that IP, unless the user set *_SOCKET_IFNAME
-(cluster.bind_interface: false turns this off).
+(cluster.bind_interface: false turns this off). Then connectivity.py checks
+that the nodes reach each other at those addresses, and says so in one line
+where they do not, or where gloo itself fails to start.
 
 Runs in the Ray Train controller (BoundTorchConfig's backend) and on the
 workers (bind_worker); the driver forwards its own network settings
@@ -22,6 +24,8 @@ from typing import Any
 
 from ray.train.torch import TorchConfig
 from ray.train.torch.config import _TorchBackend
+
+from mi_scale.connectivity import check_reachable, hostname_address, process_group_error
 
 # The driver's settings that decide how the collectives connect; they reach
 # the workers through the runtime env, on an existing cluster too.
@@ -42,14 +46,6 @@ def interface_of(ip: str) -> str | None:
     return None
 
 
-def _hostname_address() -> str:
-    """The address gloo binds to when no interface is named: the hostname's."""
-    try:
-        return socket.gethostbyname(socket.gethostname())
-    except OSError:
-        return "127.0.0.1"  # gloo's own fallback
-
-
 def bind_worker(bind: bool, use_gpu: bool) -> dict:
     """On a worker, before the process group: name the interface of the
     node's Ray IP to gloo/NCCL. Returns what the node uses, for the log line."""
@@ -59,12 +55,12 @@ def bind_worker(bind: bool, use_gpu: bool) -> dict:
     names = ["GLOO_SOCKET_IFNAME"] + (["NCCL_SOCKET_IFNAME"] if use_gpu else [])
     user = os.environ.get("GLOO_SOCKET_IFNAME")
     info = {"node_ip": node_ip, "node_id": ray.get_runtime_context().get_node_id(),
-            "hostname": socket.gethostname(), "interface": user, "how": "user"}
+            "hostname": socket.gethostname(), "pid": os.getpid(), "interface": user, "how": "user"}
     if user:
         return info
     iface = interface_of(node_ip) if bind else None
     if iface is None:
-        info.update(interface=None, how="hostname", address=_hostname_address())
+        info.update(interface=None, how="hostname", address=hostname_address())
         return info
     for name in names:
         os.environ.setdefault(name, iface)
@@ -120,7 +116,14 @@ class _BoundTorchBackend(_TorchBackend):
         # tasks run on the worker's main thread, the only one that may set signal handlers.
         from mi_scale.train.stop import install_handlers
         worker_group.execute(install_handlers)
-        super().on_start(worker_group, backend_config)
+        check_reachable(worker_group, infos)  # a wrong interface or a firewall: say so now, not after 30 min
+        try:
+            super().on_start(worker_group, backend_config)
+        except Exception as e:
+            error = process_group_error(e, infos)
+            if error is None:
+                raise
+            raise error  # not `from e`: the driver prints the root of the __cause__ chain
 
 
 @dataclass

@@ -6,6 +6,7 @@ a start-up failure names its cause."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -43,10 +44,10 @@ def write_cfg(tmp: Path, name: str, *overrides: str) -> Path:
     return path
 
 
-def train_on_a(hosts: Hosts, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+def train_on_a(hosts: Hosts, *args: str, timeout: int = 300, **env: str) -> subprocess.CompletedProcess:
     """`mi-scale train ... --address auto` from host A, as slurm.sbatch runs it (RAY_ADDRESS set)."""
     return subprocess.run(hosts.cmd(A, [PY, "-m", "mi_scale.cli", "train", *args, "--address", "auto"]),
-                          env=hosts.env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+                          env={**hosts.env, **env}, capture_output=True, text=True, timeout=timeout, cwd=REPO)
 
 
 def test_trains_with_one_worker_per_host(hosts, tmp_path):
@@ -76,6 +77,34 @@ def test_loopback_binding_fails_with_its_cause(hosts, tmp_path):
         in r.stdout.splitlines()
     # the start-up failure is in the run dir's log too
     assert "gloo would bind rank 0" in (tmp_path / "unbound" / "logs" / "driver.log").read_text()
+
+
+FIX = ("set GLOO_SOCKET_IFNAME (NCCL_SOCKET_IFNAME on GPUs) to the interface that carries each node's Ray address, "
+       "or unset it and leave cluster.bind_interface at true (that picks the interface), and check that the nodes "
+       "accept TCP connections from each other on all ports")
+
+
+@pytest.mark.parametrize("iface", ["lo", "nosuch0"])
+def test_wrong_interface_fails_at_once_with_its_cause(hosts, tmp_path, iface):
+    """GLOO_SOCKET_IFNAME in the driver's environment reaches the workers. `lo`: the pre-flight
+    cannot connect the hosts; an interface that does not exist: gloo's own start-up fails, and
+    its line is passed on with the rank and the fix."""
+    r = train_on_a(hosts, str(write_cfg(tmp_path, "wrongif")), GLOO_SOCKET_IFNAME=iface)
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-3000:]
+    # Ray picks which host holds rank 0; the port is the kernel's
+    if iface == "lo":
+        pattern = (rf"error: gloo could not connect rank 1 \((?P<b>{A}|{B})\) to rank 0 \((?P<a>{A}|{B})\) at "
+                   rf"127\.0\.0\.1:\d+ \(interface lo of your GLOO_SOCKET_IFNAME\): \[Errno 111\] Connection "
+                   rf"refused; {re.escape(FIX)}")
+    else:
+        pattern = (rf"error: gloo could not start the process group on rank [01] \((?P<a>{A}|{B})\): ifa != "
+                   rf"nullptr\. Unable to find address for: nosuch0; {re.escape(FIX)}")
+    [line] = r.stderr.strip().splitlines()  # the one line, naming no log file
+    m = re.fullmatch(pattern, line)
+    assert m, line
+    if iface == "lo":
+        assert {m["a"], m["b"]} == {A, B}
+    assert line[len("error: "):] in (tmp_path / "wrongif" / "logs" / "driver.log").read_text()
 
 
 def test_address_auto_refuses_several_clusters(hosts, tmp_path):
