@@ -197,7 +197,7 @@ def _train_on_worker(cfg: Config, loop_config: dict, rank: int) -> None:
         ckpt_storage.report(path, run_dir, step, metrics, rank, view)
 
     summary = run_worker(cfg, resume=resume, on_checkpoint=on_checkpoint, stop_flag=loop_config["stop_flag"],
-                         checkpoint_leader=view.leader)
+                         run_dir_view=view)
     if rank == 0 and "interrupted" in summary:
         console.event("interrupted", **summary["interrupted"])
 

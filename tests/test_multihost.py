@@ -187,7 +187,7 @@ def test_losing_host_b_elastic_finishes_on_a_like_a_resume(hosts, tmp_path):
 
 def test_run_dir_not_shared_between_hosts_is_refused(hosts, tmp_path):
     """Host B keeps the output dir on its own tmpfs: rank 0 on A cannot see B's files.
-    The module's last test: host B stays that way until the fixture's teardown."""
+    Host B stays that way until the next test restarts it."""
     (tmp_path / "local").mkdir()
     hosts.restart_b(private_dir=str(tmp_path / "local"))
     r = train_on_a(hosts, str(write_cfg(tmp_path / "local", "unshared")))
@@ -204,7 +204,10 @@ def test_storage_path_carries_checkpoints_between_node_local_run_dirs(hosts, tmp
     """Host B keeps run.output_dir on its own tmpfs; cluster.storage_path (a folder
     both hosts see, standing in for s3://) carries the checkpoints. Rank 1 fails
     at step 6: the restarted group downloads the stored step-4 checkpoint into
-    each node's run dir and finishes with the losses of an uninterrupted run."""
+    each node's run dir and finishes with the losses of an uninterrupted run.
+    Then a resume to step 16 downloads the stored step 8 where a run dir holds
+    an older one (host B's step 4), loses host B at step 14 and continues
+    elastic on host A. The module's last test: host B stays lost until the teardown."""
     from distributed_helpers import free_port
     from test_orchestrate import env as local_env
 
@@ -247,3 +250,28 @@ def test_storage_path_carries_checkpoints_between_node_local_run_dirs(hosts, tmp
     assert set(on_b) <= {"step-00000004"}, on_b
     for files in on_b.values():
         assert {"rank-0000.pt", "rank-0001.pt", "mi_scale.json"} <= set(files), files
+
+    # resume to 16 steps; host B's rank stalls at step 14 and the host is lost
+    r = subprocess.Popen(hosts.cmd(A, [PY, "-m", "mi_scale.cli", "resume", str(run_dir), "--address", "auto",
+                                       "--set", "train.steps=16", "--set", "cluster.elastic=true",
+                                       "--set", "cluster.max_failures=0", "--set", "fault.fail_at_step=null",
+                                       "--set", "fault.stall_at_step=14", "--set", f"fault.fail_node={B}"]),
+                         env=hosts.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    stalled = f"import pathlib; print(len(list(pathlib.Path({str(run_dir)!r}).glob('.fault-stalled-step14-rank*'))))"
+    deadline = time.time() + 300  # ranks that resumed from different steps would hang, not fail
+    while hosts.python(B, stalled, as_node=True).strip() == "0":
+        assert r.poll() is None, r.communicate()[1][-3000:]
+        assert time.time() < deadline, "host B's rank never reached step 14"
+        time.sleep(1)
+    hosts.kill_host(B)
+    out, err = r.communicate(timeout=300)
+    assert r.returncode == 0, out[-2000:] + err[-3000:]
+    lines = out.splitlines()
+    assert any(line.startswith("[mi-scale] elastic: continuing on 1 of 2 workers") for line in lines), out
+    resumed = [line.split(" (loaded")[0] for line in lines if line.startswith("[mi-scale] resumed from")]
+    # both ranks from the stored step 8 (host B's run dir held only step 4), then elastic from the newest
+    # checkpoint Ray had registered when host B was lost: 12, or 8 when the step-12 report was not yet in
+    assert resumed[0] == f"[mi-scale] resumed from {run_dir}/checkpoints/step-00000008 at step 8", out
+    assert resumed[1] in [f"[mi-scale] resumed from {run_dir}/checkpoints/step-{s:08d} at step {s}"
+                          for s in (8, 12)], out
+    assert len(losses(run_dir)) == 16  # every step once

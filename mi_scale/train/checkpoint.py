@@ -25,6 +25,7 @@ from mi_scale.train.ckpt_files import (META, CheckpointError, UnsafeCheckpointEr
                                       complete_checkpoints, load_rank_state, safe_deepspeed_loads, unsafe_message)
 from mi_scale.train.dist_env import barrier, device
 from mi_scale.train.reshard import universal_tag
+from mi_scale.train.shared_dir import RunDirView
 
 
 def rng_state() -> dict:
@@ -56,19 +57,22 @@ def _write_json_durably(path: Path, data: dict) -> None:
 
 
 def save(engine, run_dir: Path, step: int, meta: dict, rank_state: dict, keep_last: int,
-         kill_at: int | None = None, leader: int = 0) -> Path:
-    """Collective: every rank calls it. Returns the final checkpoint path.
-    `leader`: the rank that renames this rank's files into place, the lowest
-    that sees this rank's run dir (train/shared_dir.py): rank 0 when the run
-    dir is shared; else each node's folder holds only its own ranks' files and
-    only rank 0's has mi_scale.json, so none looks complete on its own.
-    `kill_at` (test-only, fault.kill_during_checkpoint) ends the process
-    abruptly after the DeepSpeed files of that step are half-way written."""
+         kill_at: int | None = None, view: RunDirView = RunDirView(leader=0, shared=True)) -> Path:
+    """Collective: every rank calls it. Returns the checkpoint's folder.
+    `view`: which ranks share this rank's run dir (train/shared_dir.py). Its
+    leader renames the files of the ranks that see the folder into place.
+    A run dir that is not shared holds only its node's files: they stay under
+    the .partial- name, which no resume reads, for the caller to upload to
+    storage and delete (mi_scale/ckpt_storage.py); only rank 0's part gets
+    mi_scale.json. `kill_at` (test-only, fault.kill_during_checkpoint) ends
+    the process abruptly after the DeepSpeed files of that step are half-way
+    written."""
     rank = dist.get_rank()
+    lead = rank == view.leader
     root = checkpoint_dir(run_dir)
     tag = f"step-{step:08d}"
     partial = root / f".partial-{tag}"
-    if rank == leader:
+    if lead:
         shutil.rmtree(partial, ignore_errors=True)
         (partial / tag).mkdir(parents=True)
     barrier()
@@ -78,18 +82,18 @@ def save(engine, run_dir: Path, step: int, meta: dict, rank_state: dict, keep_la
         os._exit(137)
     barrier()
     final = root / tag
-    if rank == leader:
-        if rank == 0:
-            _write_json_durably(partial / tag / META, {**meta, "step": step, "tag": tag})
+    if rank == 0:
+        _write_json_durably(partial / tag / META, {**meta, "step": step, "tag": tag})
+    if lead and view.shared:
         if final.exists():  # a re-save of the same step (e.g. after a restart)
             shutil.rmtree(final)
         os.replace(partial / tag, final)
         shutil.rmtree(partial, ignore_errors=True)
-    if rank == 0:
+    if lead:  # a node-local run dir holds only whole checkpoints downloaded from storage
         for old in complete_checkpoints(run_dir)[keep_last:]:
             shutil.rmtree(old, ignore_errors=True)
     barrier()
-    return final
+    return final if view.shared else partial / tag
 
 
 def check_compatible(meta: dict, world_size: int, ckpt: Path, training_keys: dict, elastic: bool = False) -> None:

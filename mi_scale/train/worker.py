@@ -33,6 +33,7 @@ from mi_scale import config as config_mod
 from mi_scale.config import Config
 from mi_scale.train import checkpoint, stop, throughput
 from mi_scale.train.dist_env import barrier, device, init_process_group
+from mi_scale.train.shared_dir import RunDirView
 from mi_scale.train.tracking import Tracker, truncate_metrics
 
 
@@ -134,15 +135,14 @@ def _peak_memory_mb() -> float:
 
 
 def run_worker(cfg: Config, resume: bool = False, on_checkpoint=None, stop_flag=None,
-               checkpoint_leader: int = 0) -> dict:
+               run_dir_view: RunDirView = RunDirView(leader=0, shared=True)) -> dict:
     """Train on this rank. `on_checkpoint(path, step, metrics)` is the
     orchestrator's hook (Ray reports the checkpoint), called on every rank
     after each checkpoint; `stop_flag` the driver's stop request (train/stop.py);
-    `checkpoint_leader` the rank that renames this rank's checkpoint files
-    into place (checkpoint.save).
+    `run_dir_view` which ranks share this rank's run dir (checkpoint.save).
     Returns the final summary (same on every rank); after a stop request it
     holds "interrupted": {"step", "signal", "checkpoint"}."""
-    return train_loop(build_parts(cfg, resume), on_checkpoint, stop_flag, checkpoint_leader)
+    return train_loop(build_parts(cfg, resume), on_checkpoint, stop_flag, run_dir_view)
 
 
 @dataclass
@@ -255,7 +255,8 @@ def build_parts(cfg: Config, resume: bool = False) -> Parts:
                  samples_seen, tokens_per_sample, flops_per_step, peak)
 
 
-def train_loop(p: Parts, on_checkpoint=None, stop_flag=None, checkpoint_leader: int = 0) -> dict:
+def train_loop(p: Parts, on_checkpoint=None, stop_flag=None,
+               run_dir_view: RunDirView = RunDirView(leader=0, shared=True)) -> dict:
     """The step loop: train, log, evaluate and checkpoint until train.steps or
     an agreed stop; returns the summary (run_worker's)."""
     cfg, rank, world, run_dir, dev = p.cfg, p.rank, p.world, p.run_dir, p.dev
@@ -338,7 +339,7 @@ def train_loop(p: Parts, on_checkpoint=None, stop_flag=None, checkpoint_leader: 
                 t_save = time.perf_counter()
                 path = checkpoint.save(engine, run_dir, done, meta,
                                        {"rng": checkpoint.rng_state(), "data": batches.state_dict()}, t.keep_last,
-                                       kill_at=cfg.fault.kill_during_checkpoint, leader=checkpoint_leader)
+                                       kill_at=cfg.fault.kill_during_checkpoint, view=run_dir_view)
                 if rank == 0:
                     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
                     console.say(f"[mi-scale] checkpoint {path.name}: {size / 2**30:.2f} GiB, saved in "
