@@ -49,11 +49,14 @@ def copy_in(stored, run_dir: Path, who: str) -> Path:
 
 
 def take_run_files(ckpt: Path, run_dir: Path) -> None:
-    """The run's files carried in a stored checkpoint, where the run dir's own are missing or behind."""
-    for name in RUN_FILES:
-        src, dst = ckpt / name, run_dir / name
-        if src.is_file() and (not dst.is_file() or _lines(dst) < _lines(src)):
-            shutil.copyfile(src, dst)
+    """The run's files carried in a stored checkpoint: its config.yaml (the
+    resolved config that wrote it), and its metrics.jsonl where the run dir's
+    is missing or shorter."""
+    if (ckpt / "config.yaml").is_file():
+        shutil.copyfile(ckpt / "config.yaml", run_dir / "config.yaml")
+    src, dst = ckpt / "metrics.jsonl", run_dir / "metrics.jsonl"
+    if src.is_file() and (not dst.is_file() or _lines(dst) < _lines(src)):
+        shutil.copyfile(src, dst)
 
 
 def _lines(path: Path) -> int:

@@ -126,12 +126,13 @@ def after_failure(cfg: Config, run_dir, watch: NodeWatch, error: BaseException, 
 
 def elastic_config(cfg: Config, run_dir, m: int) -> Config:
     """The config `mi-scale resume RUN_DIR --set cluster.num_workers=M` runs; the
-    orchestrator resumes it in this driver."""
-    from mi_scale import config as config_mod
+    orchestrator resumes it in this driver. Built from the run's own config in
+    memory, not RUN_DIR/config.yaml: with a run dir on each node's disk
+    (ckpt_storage.py), the driver's copy may predate a resume's overrides."""
+    from mi_scale.config import from_dict
 
     console.say(f"[mi-scale] elastic: continuing on {m} of {cfg.cluster.num_workers} workers from the latest "
                 f"complete checkpoint, as `mi-scale resume {run_dir} --set cluster.num_workers={m}`")
-    resumed = config_mod.load(run_dir / "config.yaml", [f"cluster.num_workers={m}"])
-    resumed.run.output_dir, resumed.run.name = str(run_dir.parent), run_dir.name
-    resumed.cluster.address = cfg.cluster.address
+    resumed = from_dict(cfg.to_dict())
+    resumed.cluster.num_workers = m
     return resumed
